@@ -1,0 +1,1 @@
+"""Data: the release's jsonl records and the synthetic ShapesWorld."""

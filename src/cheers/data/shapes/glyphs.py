@@ -1,0 +1,133 @@
+"""A 5x7 bitmap font for the text written in scenes, and the template-matching reader for it.
+
+The font is our own (no font file, no FreeType), so rendered text is bit-identical on every machine.
+A glyph is drawn with square "font pixels" of side ``s = resolution // 64`` canvas pixels, aligned
+to the canvas grid, which keeps text crisp at every supported resolution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GLYPH_W, GLYPH_H, ADVANCE = 5, 7, 6
+"""Glyph box in font pixels, and the horizontal advance (one blank column between glyphs)."""
+
+_FONT: dict[str, tuple[str, ...]] = {
+    "A": ("01110", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "B": ("11110", "10001", "10001", "11110", "10001", "10001", "11110"),
+    "C": ("01110", "10001", "10000", "10000", "10000", "10001", "01110"),
+    "D": ("11100", "10010", "10001", "10001", "10001", "10010", "11100"),
+    "E": ("11111", "10000", "10000", "11110", "10000", "10000", "11111"),
+    "F": ("11111", "10000", "10000", "11110", "10000", "10000", "10000"),
+    "G": ("01110", "10001", "10000", "10111", "10001", "10001", "01111"),
+    "H": ("10001", "10001", "10001", "11111", "10001", "10001", "10001"),
+    "I": ("01110", "00100", "00100", "00100", "00100", "00100", "01110"),
+    "J": ("00111", "00010", "00010", "00010", "00010", "10010", "01100"),
+    "K": ("10001", "10010", "10100", "11000", "10100", "10010", "10001"),
+    "L": ("10000", "10000", "10000", "10000", "10000", "10000", "11111"),
+    "M": ("10001", "11011", "10101", "10101", "10001", "10001", "10001"),
+    "N": ("10001", "10001", "11001", "10101", "10011", "10001", "10001"),
+    "O": ("01110", "10001", "10001", "10001", "10001", "10001", "01110"),
+    "P": ("11110", "10001", "10001", "11110", "10000", "10000", "10000"),
+    "Q": ("01110", "10001", "10001", "10001", "10101", "10010", "01101"),
+    "R": ("11110", "10001", "10001", "11110", "10100", "10010", "10001"),
+    "S": ("01111", "10000", "10000", "01110", "00001", "00001", "11110"),
+    "T": ("11111", "00100", "00100", "00100", "00100", "00100", "00100"),
+    "U": ("10001", "10001", "10001", "10001", "10001", "10001", "01110"),
+    "V": ("10001", "10001", "10001", "10001", "10001", "01010", "00100"),
+    "W": ("10001", "10001", "10001", "10101", "10101", "10101", "01010"),
+    "X": ("10001", "10001", "01010", "00100", "01010", "10001", "10001"),
+    "Y": ("10001", "10001", "01010", "00100", "00100", "00100", "00100"),
+    "Z": ("11111", "00001", "00010", "00100", "01000", "10000", "11111"),
+    "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
+    "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
+    "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
+    "3": ("11111", "00010", "00100", "00010", "00001", "10001", "01110"),
+    "4": ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
+    "5": ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
+    "6": ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
+    "7": ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
+    "8": ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
+    "9": ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
+}
+
+CHARSET: str = "".join(_FONT)
+
+
+def _bitmap(ch: str) -> np.ndarray:
+    rows = _FONT.get(ch)
+    if rows is None:
+        raise ValueError(f"character {ch!r} is not in the ShapesWorld font ({CHARSET})")
+    return np.array([[c == "1" for c in r] for r in rows], dtype=bool)  # (7, 5)
+
+
+GLYPHS: dict[str, np.ndarray] = {ch: _bitmap(ch) for ch in _FONT}
+_TEMPLATES = np.stack([GLYPHS[ch] for ch in CHARSET]).astype(np.float32)  # (K, 7, 5)
+
+
+def text_extent(text: str) -> tuple[int, int]:
+    """(width, height) of ``text`` in font pixels."""
+    return ADVANCE * len(text) - 1, GLYPH_H
+
+
+def text_bitmap(text: str) -> np.ndarray:
+    """Boolean (7, 6*len(text) - 1) bitmap of ``text`` in font pixels; raises on unknown characters."""
+    if not text:
+        raise ValueError("text must be non-empty")
+    w, h = text_extent(text)
+    out = np.zeros((h, w), dtype=bool)
+    for i, ch in enumerate(text):
+        out[:, i * ADVANCE : i * ADVANCE + GLYPH_W] = _bitmap(ch)
+    return out
+
+
+def read_bitmap(ink: np.ndarray) -> str:
+    """Read a string from an ink-coverage map cropped to the text's bounding box.
+
+    The crop is resampled to the font grid: its height spans 7 font pixels, which fixes the font pixel
+    size; the number of glyphs follows from the width. Each glyph cell is compared to every template
+    (sum of squared differences) and the nearest wins.
+
+    Args:
+        ink: (h, w) float coverage in [0, 1] (or bool), tight around the text.
+    Returns:
+        The decoded string ("" when the crop cannot hold a glyph).
+    """
+    ink = np.asarray(ink, dtype=np.float32)
+    h, w = ink.shape
+    if h < 3 or w < 1:
+        return ""
+    s = h / GLYPH_H  # canvas pixels per font pixel
+    n = int(round((w / s + 1) / ADVANCE))
+    if n < 1:
+        return ""
+    cols = n * ADVANCE - 1
+    grid = _resample(ink, GLYPH_H, cols, s)  # (7, cols)
+    chars = []
+    for i in range(n):
+        cell = grid[:, i * ADVANCE : i * ADVANCE + GLYPH_W]  # (7, 5)
+        if cell.shape[1] < GLYPH_W:
+            cell = np.pad(cell, ((0, 0), (0, GLYPH_W - cell.shape[1])))
+        d = ((_TEMPLATES - cell[None]) ** 2).sum(axis=(1, 2))  # (K,)
+        chars.append(CHARSET[int(np.argmin(d))])
+    return "".join(chars)
+
+
+def _resample(ink: np.ndarray, rows: int, cols: int, s: float) -> np.ndarray:
+    """Area-average ``ink`` over a (rows, cols) grid of s x s cells anchored at the top-left corner."""
+    h, w = ink.shape
+    # Integrate over each font pixel's central half so blur from neighbours weighs less.
+    ys = (np.arange(rows) + 0.5) * s
+    xs = (np.arange(cols) + 0.5) * s
+    r = max(s * 0.25, 0.5)
+    out = np.zeros((rows, cols), dtype=np.float32)
+    ii = np.cumsum(np.cumsum(np.pad(ink, ((1, 0), (1, 0))), axis=0), axis=1)  # (h+1, w+1)
+    y0 = np.clip(np.floor(ys - r).astype(int), 0, h - 1)
+    y1 = np.clip(np.ceil(ys + r).astype(int), 1, h)
+    x0 = np.clip(np.floor(xs - r).astype(int), 0, w - 1)
+    x1 = np.clip(np.ceil(xs + r).astype(int), 1, w)
+    for a in range(rows):
+        area = (y1[a] - y0[a]) * (x1 - x0)
+        tot = ii[y1[a], x1] - ii[y0[a], x1] - ii[y1[a], x0] + ii[y0[a], x0]
+        out[a] = tot / np.maximum(area, 1)
+    return out
