@@ -65,7 +65,9 @@ def make_tiny_tokenizer(
     if with_cheers_tokens:
         from tokenizers import AddedToken
 
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in CHEERS_TOKENS], special_tokens=True)
+        tokenizer.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in CHEERS_TOKENS], special_tokens=True
+        )
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from cheers.models.cheers import Cheers
-from cheers.models.sequence import hybrid_mask
 from cheers.sampling import apply_guidance, edit_schedule, edit_start, euler_sample, schedule
 from cheers.text_sampling import TextSampling, pick_tokens
 from cheers.tokens import unconditional_ids
@@ -99,7 +98,7 @@ class ImageSampler:
         self.evaluated = False
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """x (B, C, h, w), t 0-d -> (guided velocity, unconditional velocity or None, gate (B, h, w))."""
+        """x (B, C, h, w), t 0-d -> (conditional velocity, unconditional velocity or None, gate (B, h, w))."""
         core = self.model.model
         if self.evaluated:  # each evaluation sees only the prompt plus its own image tokens
             self.state.crop(self.prefix_length, self.prefix_pos)
@@ -115,7 +114,14 @@ class ImageSampler:
         if not self.guided:
             return v, None, gate
         b = x.shape[0]
-        return apply_guidance(v[:b], v[b:], self.cfg_scale), v[b:], gate[:b]
+        return v[:b], v[b:], gate[:b]
+
+    def guided_velocity(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The velocity the sampler integrates (guidance applied) and the gate map."""
+        v_cond, v_uncond, gate = self.velocity(x, t)
+        if v_uncond is None:
+            return v_cond, gate
+        return apply_guidance(v_cond, v_uncond, self.cfg_scale), gate
 
 
 @dataclass
@@ -209,7 +215,7 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
             step_gates: list[torch.Tensor] = []
 
             def velocity(x_t: torch.Tensor, t: torch.Tensor, n: int, sampler=sampler, step_gates=step_gates):
-                v, _, gate = sampler.velocity(x_t, t)
+                v, gate = sampler.guided_velocity(x_t, t)
                 if return_gates:
                     step_gates.append(gate)
                 return v
@@ -250,4 +256,3 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return out
 
 
-__all__ = ["GenerationOutput", "ImageSampler", "LMState", "extend", "generate", "hybrid_mask", "prefill"]

@@ -254,9 +254,8 @@ class CheersProcessor:
             ]
         # 5. pad
         input_ids, attention_mask = _pad(rows, self.special.pad, padding_side)
-        grid_hws = None
-        if pixel_values is not None:
-            grid_hws = torch.tensor([self.grid_hw] * pixel_values.shape[0], dtype=torch.int64)
+        n_img = 0 if pixel_values is None else pixel_values.shape[0]
+        grid_hws = torch.tensor([self.grid_hw] * n_img, dtype=torch.int64) if n_img else None  # (n_img, 2)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -269,11 +268,7 @@ class CheersProcessor:
             raise ValueError("give exactly one of text= and messages=")
         if text is not None:
             texts = [text] if isinstance(text, str) else text
-            if (
-                not isinstance(texts, (list, tuple))
-                or not texts
-                or not all(isinstance(t, str) for t in texts)
-            ):
+            if not (isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts)):
                 raise ValueError(f"text must be a str or a non-empty list of str, got {text!r:.80}")
             return list(texts), []
         if not isinstance(messages, (list, tuple)) or not messages:
@@ -449,14 +444,10 @@ def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, t
 
 
 def _warn_unwrapped(row: list[int], markers: tuple[int, int], special: SpecialTokens, index: int) -> None:
-    for j, token in enumerate(row):
-        if token in markers:
-            before = row[j - 1] if j > 0 else None
-            after = row[j + 1] if j + 1 < len(row) else None
-            if before != special.im_start or after != special.im_end:
-                logger.warning(
-                    "prompt %d: image placeholder at %d is not wrapped as <im_start><image><im_end>", index, j
-                )
+    padded = [None, *row, None]
+    for j in (j for j, token in enumerate(row) if token in markers):
+        if (padded[j], padded[j + 2]) != (special.im_start, special.im_end):
+            logger.warning("prompt %d: image placeholder at %d is not inside <im_start>..<im_end>", index, j)
 
 
 def _check_record_images(record: dict[str, Any], ids: list[int], special: SpecialTokens) -> None:

@@ -175,6 +175,41 @@ class Cheers(nn.Module):
         self.model = CheersModel(config)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.tie_weights()
+        self.model.initialize_weights()
+
+    # Parts a recipe can train or freeze, by name (paper Table 1 stages choose among these).
+    PARAMETER_GROUPS: dict[str, tuple[str, ...]] = {
+        "vae": ("model.vae_model",),
+        "pixel_decoder": ("model.vae_decoder_projector",),
+        "vision_encoder": ("model.vision_representation",),
+        "und_projector": ("model.und_projector",),
+        "llm": ("model.language_model", "lm_head"),
+        "flow_head": ("model.gen_projector", "model.hi_projector", "model.time_embed"),
+        "hfi_gate": ("model.hi_gate",),
+    }
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Named groups of (name, parameter); every parameter is in exactly one group (tied ones once)."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in self.PARAMETER_GROUPS}
+        for name, param in self.named_parameters():
+            owner = next((g for g, prefixes in self.PARAMETER_GROUPS.items()
+                          if any(name == p or name.startswith(p + ".") for p in prefixes)), None)
+            if owner is None:
+                raise AssertionError(f"parameter {name} belongs to no group")
+            groups[owner].append((name, param))
+        return groups
+
+    def set_trainable(self, groups: list[str] | tuple[str, ...]) -> dict[str, int]:
+        """Train exactly ``groups`` (freeze the rest); returns the trainable parameter count per group."""
+        unknown = sorted(set(groups) - set(self.PARAMETER_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown parameter group(s) {unknown}; known: {sorted(self.PARAMETER_GROUPS)}")
+        counts = {}
+        for group, params in self.parameter_groups().items():
+            for _, p in params:
+                p.requires_grad_(group in groups)
+            counts[group] = sum(p.numel() for _, p in params) if group in groups else 0
+        return counts
 
     def tie_weights(self) -> None:
         if self.config.text.tie_word_embeddings:

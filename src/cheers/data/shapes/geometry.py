@@ -21,7 +21,7 @@ _STAR = np.array(
     ],
     dtype=np.float64,
 )
-_SQUARE_HALF = 0.44
+_SQUARE_HALF = 0.46
 _CROSS_HALF_WIDTH = 0.18
 
 

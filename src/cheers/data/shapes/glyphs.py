@@ -84,9 +84,11 @@ def text_bitmap(text: str) -> np.ndarray:
 def read_bitmap(ink: np.ndarray) -> str:
     """Read a string from an ink-coverage map cropped to the text's bounding box.
 
-    The crop is resampled to the font grid: its height spans 7 font pixels, which fixes the font pixel
-    size; the number of glyphs follows from the width. Each glyph cell is compared to every template
-    (sum of squared differences) and the nearest wins.
+    The crop's height spans 7 font pixels, which fixes the font pixel size ``s``; the number of glyphs
+    follows from the width. The font grid is sampled at each font pixel's centre (averaging its central
+    half) and each glyph cell goes to the nearest template (sum of squared differences). "1" and "I"
+    leave their outer columns blank, so a tight crop may start one font pixel late: both alignments
+    are read and the closer one wins.
 
     Args:
         ink: (h, w) float coverage in [0, 1] (or bool), tight around the text.
@@ -95,39 +97,35 @@ def read_bitmap(ink: np.ndarray) -> str:
     """
     ink = np.asarray(ink, dtype=np.float32)
     h, w = ink.shape
-    if h < 3 or w < 1:
+    if h < GLYPH_H or w < 1:
         return ""
     s = h / GLYPH_H  # canvas pixels per font pixel
-    n = int(round((w / s + 1) / ADVANCE))
-    if n < 1:
-        return ""
-    cols = n * ADVANCE - 1
-    grid = _resample(ink, GLYPH_H, cols, s)  # (7, cols)
-    chars = []
-    for i in range(n):
-        cell = grid[:, i * ADVANCE : i * ADVANCE + GLYPH_W]  # (7, 5)
-        if cell.shape[1] < GLYPH_W:
-            cell = np.pad(cell, ((0, 0), (0, GLYPH_W - cell.shape[1])))
-        d = ((_TEMPLATES - cell[None]) ** 2).sum(axis=(1, 2))  # (K,)
-        chars.append(CHARSET[int(np.argmin(d))])
-    return "".join(chars)
+    n = max(int(round((w / s + 1) / ADVANCE)), 1)
+    best, best_cost = "", np.inf
+    for shift in (0, 1):
+        grid = _sample(ink, n * ADVANCE - 1, s, x_start=-shift * s)  # (7, 6n - 1)
+        cells = np.stack([grid[:, i * ADVANCE : i * ADVANCE + GLYPH_W] for i in range(n)])  # (n, 7, 5)
+        d = ((_TEMPLATES[None] - cells[:, None]) ** 2).sum(axis=(2, 3))  # (n, K)
+        cost = float(d.min(axis=1).sum())
+        if cost < best_cost:
+            best, best_cost = "".join(CHARSET[int(k)] for k in d.argmin(axis=1)), cost
+    return best
 
 
-def _resample(ink: np.ndarray, rows: int, cols: int, s: float) -> np.ndarray:
-    """Area-average ``ink`` over a (rows, cols) grid of s x s cells anchored at the top-left corner."""
+def _sample(ink: np.ndarray, cols: int, s: float, x_start: float) -> np.ndarray:
+    """Mean ink over the central half of each font pixel of a (7, cols) grid starting at x_start.
+
+    Samples falling outside the crop count as blank. Returns (7, cols) float32.
+    """
     h, w = ink.shape
-    # Integrate over each font pixel's central half so blur from neighbours weighs less.
-    ys = (np.arange(rows) + 0.5) * s
-    xs = (np.arange(cols) + 0.5) * s
     r = max(s * 0.25, 0.5)
-    out = np.zeros((rows, cols), dtype=np.float32)
     ii = np.cumsum(np.cumsum(np.pad(ink, ((1, 0), (1, 0))), axis=0), axis=1)  # (h+1, w+1)
-    y0 = np.clip(np.floor(ys - r).astype(int), 0, h - 1)
-    y1 = np.clip(np.ceil(ys + r).astype(int), 1, h)
-    x0 = np.clip(np.floor(xs - r).astype(int), 0, w - 1)
-    x1 = np.clip(np.ceil(xs + r).astype(int), 1, w)
-    for a in range(rows):
-        area = (y1[a] - y0[a]) * (x1 - x0)
-        tot = ii[y1[a], x1] - ii[y0[a], x1] - ii[y1[a], x0] + ii[y0[a], x0]
-        out[a] = tot / np.maximum(area, 1)
-    return out
+    ys = (np.arange(GLYPH_H) + 0.5) * s
+    xs = x_start + (np.arange(cols) + 0.5) * s
+    y0 = np.clip(np.floor(ys - r).astype(int), 0, h)
+    y1 = np.clip(np.ceil(ys + r).astype(int), 0, h)
+    x0 = np.clip(np.floor(xs - r).astype(int), 0, w)
+    x1 = np.clip(np.ceil(xs + r).astype(int), 0, w)
+    area = np.maximum((np.ceil(ys + r) - np.floor(ys - r))[:, None] * (np.ceil(xs + r) - np.floor(xs - r))[None], 1)
+    tot = ii[y1][:, x1] - ii[y0][:, x1] - ii[y1][:, x0] + ii[y0][:, x0]  # (7, cols)
+    return (tot / area).astype(np.float32)

@@ -34,7 +34,7 @@ BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
 TEXTURES: tuple[str, ...] = ("flat", "stripes", "checkerboard", "noise", "dots")
 
 SIZES: tuple[str, ...] = ("small", "large")
-SIZE_FRACTION: dict[str, float] = {"small": 0.45, "large": 0.72}
+SIZE_FRACTION: dict[str, float] = {"small": 0.48, "large": 0.74}
 """Object extent as a fraction of a grid cell's side (a cell is a third of the canvas)."""
 
 COLS: tuple[str, ...] = ("left", "center", "right")

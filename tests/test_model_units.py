@@ -1,0 +1,181 @@
+"""Behaviour of the model's parts, pinned on tiny random configurations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from model_helpers import TINY_SPECIAL, t2i_prompt, tiny_model
+
+from cheers.config import CheersConfig, ConfigError, preset
+from cheers.flow import interpolate, time_shift, velocity_target
+from cheers.models.cheers import Cheers
+from cheers.models.flow_head import DiTBlock, DiTHead, HiGate, rope_tables
+from cheers.models.sequence import hybrid_mask, shift_labels
+from cheers.models.vae import patchify, unpatchify
+from cheers.models.vision import merge_2x2, split_2x2
+from cheers.sampling import apply_guidance, schedule
+
+OFFICIAL = Path(__file__).parent / "fixtures/official"
+
+
+# -- configuration -------------------------------------------------------------------------------------------
+
+def test_official_preset_on_meta_matches_the_release_manifest():
+    manifest = json.loads((OFFICIAL / "full_manifest.json").read_text())
+    with torch.device("meta"):
+        model = Cheers(preset("official"))
+    state = model.state_dict()
+    expected = {t["name"]: t["shape"] for t in manifest["tensors"]}
+    assert set(state) == set(expected)
+    assert {k: list(v.shape) for k, v in state.items()} == expected
+    assert sum(p.numel() for p in model.parameters()) == manifest["unique_parameter_count"] == 2_571_337_735
+    assert sum(v.numel() for v in state.values()) == manifest["stored_element_count"]
+    index = json.loads((OFFICIAL / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(state)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+
+
+def test_release_config_json_resolves_to_the_official_preset():
+    cfg = CheersConfig.from_json_file(OFFICIAL / "config.json")
+    assert cfg == preset("official")
+    assert cfg.text.num_hidden_layers == 28 and cfg.text.rope_theta == 1e6  # both omitted by the file
+    assert cfg.vae_encoder.ch_mult == (1, 2, 4, 4) and cfg.vae_decoder.out_ch == 3
+    assert CheersConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_defaults_are_the_release_code_defaults():
+    cfg = CheersConfig.from_dict({"model_type": "umm", "vision_representation_config": {"patch_size": 16},
+                                  "text_config": {"num_key_value_heads": 4}})
+    assert cfg.text.vocab_size == 152064 and cfg.text.hidden_size == 3584  # 7B-style Qwen defaults
+    assert cfg.vae_encoder.resolution == 256 and cfg.vae_encoder.z_channels == 32
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"model_type": "llama"}, "model_type"),
+    ({"text_config": {"hidden_sizee": 3}}, "hidden_sizee"),
+    ({"vae_decoder_config": {"ch": 64}}, r"4 \* z_channels"),
+    ({"text_config": {"num_attention_heads": 5}}, "divisible"),
+    ({"vae_encoder_config": {"ch_mult": [1, 2]}, "vae_decoder_config": {"ch_mult": [1, 2]}}, "patch size"),
+    ({"vision_representation_config": {"patch_size": 0}}, "patch_size"),
+])
+def test_bad_configs_raise_naming_the_problem(data, needle):
+    with pytest.raises(ConfigError, match=needle):
+        CheersConfig.from_dict({"model_type": "umm", **data})
+
+
+# -- layout conventions ---------------------------------------------------------------------------------------
+
+def test_patchify_channel_order_and_inverse():
+    m = torch.randn(2, 3, 8, 6)
+    p = patchify(m)
+    assert p.shape == (2, 12, 4, 3)
+    # out[b, c·4 + pi·2 + pj, i, j] = m[b, c, 2i+pi, 2j+pj]
+    assert p[1, 2 * 4 + 1 * 2 + 0, 3, 2] == m[1, 2, 7, 4]
+    assert torch.equal(unpatchify(p), m)
+
+
+def test_token_merge_and_pixel_shuffle_are_inverse():
+    x = torch.randn(3, 4 * 6, 5)  # grid 4 x 6
+    merged = merge_2x2(x, (4, 6))
+    assert merged.shape == (3, 6, 20)
+    # token (I, J) = (1, 2) holds fine token (2I+pi, 2J+pj) at feature block k = pi·2 + pj
+    assert torch.equal(merged[0, 1 * 3 + 2, 3 * 5:4 * 5], x[0, (2 * 1 + 1) * 6 + (2 * 2 + 1)])
+    assert torch.equal(split_2x2(merged, (4, 6)), x)
+
+
+def test_hybrid_mask_structure():
+    # row: text, text, img, img, text, img, img, pad, pad
+    flags = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    m = hybrid_mask(flags, valid)[0, 0]
+    assert m[1, 0] and not m[0, 1]  # causal text
+    assert m[2, 3] and m[3, 2]  # bidirectional inside an image
+    assert not m[2, 5] and m[5, 2]  # image blocks are separate runs; later sees earlier causally
+    assert not m[4, 5] and m[5, 4]
+    assert not m[:7, 7:].any()  # real tokens never see padding
+    assert m[7, 8] and m[8, 7] and not m[7, :7].any()  # padding sees its own run only
+
+
+def test_shifted_labels_follow_the_release_relabelling():
+    s = TINY_SPECIAL
+    n = 3
+    labels = torch.tensor([[5, s.im_start, *([-300] * n), s.im_end, 9, 10]])
+    target = shift_labels(labels, (-200, -300), s.im_end)
+    # x predicts IM_START, IM_START and the image positions predict nothing, IM_END predicts y
+    assert target.tolist() == [[s.im_start, -100, -100, -100, -100, 9, 10]]
+
+
+# -- flow and sampling ------------------------------------------------------------------------------------------
+
+def test_flow_path_and_target():
+    z1, x0 = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0.0, 0.25, 1.0])
+    zt = interpolate(z1, x0, t)
+    assert torch.allclose(zt[1], 0.25 * z1[1] + 0.75 * x0[1])
+    assert torch.equal(zt[2], z1[2]) and torch.equal(zt[0], x0[0])
+    u = velocity_target(z1, x0, t)
+    assert torch.equal(u[2], torch.zeros_like(u[2])) and torch.allclose(u[0], z1[0] - x0[0])
+
+
+def test_time_shift_formula():
+    t = torch.linspace(0, 1, 11)
+    for alpha in (0.25, 0.5, 1.0, 3.0):
+        s = time_shift(t, alpha)
+        assert torch.allclose(s, alpha * t / (1 + (alpha - 1) * t))
+        assert s[0] == 0 and s[-1] == 1
+    assert torch.equal(time_shift(t, 1.0), t)
+    assert (time_shift(t, 0.5)[1:-1] < t[1:-1]).all()  # alpha < 1 lingers near the noise end
+    assert torch.allclose(schedule(4, 0.5), torch.tensor([0.0, 0.2, 0.5, 1.0]))
+    with pytest.raises(ValueError):
+        time_shift(t, 0.0)
+
+
+def test_guidance_scale_one_is_the_conditional_velocity():
+    vc, vu = torch.randn(2, 8), torch.randn(2, 8)
+    assert torch.allclose(apply_guidance(vc, vu, 1.0), vc)
+    assert torch.allclose(apply_guidance(vc, vu, 0.0), vu)
+
+
+# -- zero init ----------------------------------------------------------------------------------------------------
+
+def test_adaln_zero_blocks_are_identity_and_heads_output_zero_at_init():
+    head = DiTHead(32, 2, 4, 2, out_dim=12)
+    head.zero_init()
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 1, 32)
+    rope = rope_tables(torch.arange(16), 8, 10000.0, x.dtype)
+    for block in head.diffusion_head_a:
+        assert torch.equal(block(x, c, rope), x)
+    assert torch.equal(head(x, c), torch.zeros(2, 16, 12))
+    gate = HiGate(32)
+    gate.zero_init()
+    low, high = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    fused, g = gate(low, high)
+    assert torch.equal(g, torch.zeros_like(g)) and torch.allclose(fused, gate.layer_norm(low))
+
+
+def test_fresh_model_predicts_zero_velocity():
+    torch.manual_seed(0)
+    model = Cheers(preset("tiny"), special=TINY_SPECIAL).eval()
+    block = model.model.gen_projector.diffusion_head_a[0]
+    assert isinstance(block, DiTBlock) and not block.adaLN_modulation[-1].weight.any()
+    ids = t2i_prompt([11, 12])
+    with torch.no_grad():
+        out = model(ids, pixel_values=torch.rand(1, 3, 128, 128), t=torch.tensor([0.3]), labels=ids)
+    assert torch.equal(out.pred_velocity, torch.zeros_like(out.pred_velocity))
+
+
+def test_hi_projector_positions_wrap_at_half():
+    head = DiTHead(48, 1, 6, 2, out_dim=8, wrap_positions=True)
+    assert head.positions(8, torch.device("cpu")).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def test_model_without_hfi_ignores_the_high_frequency_branch():
+    model = tiny_model(**{"options.high_frequency_injection": False})
+    hidden = torch.randn(1, 16, 32)
+    t1, t2 = model.model.time_embed(torch.tensor([0.5]))
+    a, gate = model.model.velocity_head(hidden, t1, t2, torch.rand(1, 3, 128, 128), (8, 8))
+    b, _ = model.model.velocity_head(hidden, t1, t2, torch.rand(1, 3, 128, 128), (8, 8))
+    assert torch.equal(a, b) and not gate.any()
