@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import TINY_SPECIAL, t2i_prompt, tiny_model
 
 from cheers.config import CheersConfig, ConfigError, preset
 from cheers.flow import interpolate, time_shift, velocity_target
@@ -17,6 +16,8 @@ from cheers.models.sequence import hybrid_mask, shift_labels
 from cheers.models.vae import patchify, unpatchify
 from cheers.models.vision import merge_2x2, split_2x2
 from cheers.sampling import apply_guidance, schedule
+
+from model_helpers import TINY_SPECIAL, t2i_prompt, tiny_model
 
 OFFICIAL = Path(__file__).parent / "fixtures/official"
 

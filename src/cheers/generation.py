@@ -133,6 +133,21 @@ class GenerationOutput:
 
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def randn_rows(shape: tuple[int, ...], generator: Generators, device: torch.device | str) -> torch.Tensor:
+    """Standard normal (B, ...); with a list of generators row b is drawn from generator b alone, so a prompt
+    gets the same noise in a batch as on its own."""
+    if not isinstance(generator, list):
+        return torch.randn(shape, generator=generator, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
 
 
 @torch.no_grad()
@@ -140,10 +155,13 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
              pixel_values: torch.Tensor | None = None, *, num_inference_steps: int = 80,
              cfg_scale: float | None = None, alpha: float = 1.0, edit_image: bool = False,
              max_length: int = 1024, sampling: TextSampling | None = None,
-             generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+             generator: Generators = None, latents: torch.Tensor | None = None,
              latent_grid: tuple[int, int] | None = None, final_step: str = "release",
              max_total_ids: int = 1024, callback: StepCallback | None = None,
-             return_gates: bool = False) -> GenerationOutput:
+             return_gates: bool = False,
+             token_callback: Callable[[int, int], None] | None = None,
+             uncond_input_ids: torch.Tensor | None = None,
+             uncond_attention_mask: torch.Tensor | None = None) -> GenerationOutput:
     """The release's ``generate`` loop, batched: text decoding, and an image whenever a row's last token is
     ``<im_start>`` (SPEC §10.2).
 
@@ -161,6 +179,10 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
         latent_grid: (h, w) of generated images; default: the grid of ``pixel_values``.
         final_step: ``"release"`` (overshoot by 1/S) or ``"exact"`` (stop at t = 1).
         callback: ``callback(step, t, x, v)`` after each velocity evaluation.
+        return_gates: also return the HFI gate map of every step of every image.
+        token_callback: ``token_callback(row, token_id)`` for each generated token, as it is chosen (streaming).
+        uncond_input_ids, uncond_attention_mask: the unconditional prompts for guidance (e.g. a negative
+            prompt); default: the release's rule (every id but the image-block tokens becomes ``<no_mean>``).
     """
     special = model.require_special()
     sampling = sampling or TextSampling()
@@ -177,8 +199,15 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
         latent_grid = model.model.grid_of(pixel_values)
     ids, mask, pix = input_ids, attention_mask, pixel_values
     if guided:
-        ids = torch.cat([input_ids, unconditional_ids(input_ids, special)])
-        mask = torch.cat([attention_mask, attention_mask])
+        if uncond_input_ids is None:
+            uncond_input_ids, uncond_attention_mask = unconditional_ids(input_ids, special), attention_mask
+        elif uncond_attention_mask is None:
+            uncond_attention_mask = torch.ones_like(uncond_input_ids)
+        if uncond_input_ids.shape[0] != batch:
+            raise ValueError(f"{uncond_input_ids.shape[0]} unconditional prompts for {batch} prompts")
+        width = max(input_ids.shape[1], uncond_input_ids.shape[1])
+        ids = torch.cat([_pad_to(input_ids, width, special.pad), _pad_to(uncond_input_ids, width, special.pad)])
+        mask = torch.cat([_pad_to(attention_mask, width, 0), _pad_to(uncond_attention_mask, width, 0)])
         pix = None if pixel_values is None else torch.cat([pixel_values, pixel_values])
     state = prefill(model, ids, mask, pix)
     rows = state.key_valid.shape[0]
@@ -207,7 +236,7 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
             if latents is not None and first_image:
                 noise = latents.to(device=device, dtype=state.last_logits.dtype)
             else:
-                noise = torch.randn((batch, channels, *latent_grid), generator=generator, device=device)
+                noise = randn_rows((batch, channels, *latent_grid), generator, device)
             dtype = next(model.parameters()).dtype
             noise = noise.to(dtype)
             x = edit_start(model.model.vae_model.encode(pixel_values.to(dtype)), noise) if edit_image else noise
@@ -231,14 +260,16 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
             logger.debug("generated an image in %d steps for rows %s", steps_used, make.tolist())
             just_imaged, pending_image, first_image = make, pending_image & ~make, False
         active = ~done
-        picked = pick_tokens(state.last_logits, [h for h in history] + ([] if not guided else history),
-                             sampling, generator)  # (R,)
+        picked = pick_tokens(state.last_logits, history + (history if guided else []), sampling,
+                             generator + generator if isinstance(generator, list) and guided else generator)
         token = picked[:batch].clone()
         token[just_imaged] = special.im_end
         counter = counter + (active & ~just_imaged).long()
         for b in torch.nonzero(active).flatten().tolist():
             out.sequences[b].append(int(token[b]))
             history[b].append(int(token[b]))
+            if token_callback is not None:
+                token_callback(b, int(token[b]))
         stop = (token == special.eos) | (counter > max_length)
         stop |= torch.tensor([len(h) > max_total_ids for h in history], device=device)
         pending_image = pending_image | (active & ~stop & (token == special.im_start))

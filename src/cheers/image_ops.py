@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -262,3 +263,31 @@ def check_resolution(resolution: int, patch_size: int) -> None:
             f"image_size={resolution} is not a multiple of patch_size={patch_size} "
             f"(nearest: {math.floor(resolution / patch_size) * patch_size})"
         )
+
+
+MAX_IMAGE_PIXELS = 64_000_000  # larger files are refused rather than decoded (decompression bombs)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file fully (so a truncated file fails here, not later), as RGB.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an image, corrupt or truncated, zero-size, or larger than ``MAX_IMAGE_PIXELS``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file at {path}")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed")
+            if width == 0 or height == 0:
+                raise ValueError(f"{path} has zero size ({width}x{height})")
+            img.load()
+            return img.convert("RGB") if img.mode != "RGB" else img.copy()
+    except ValueError:
+        raise
+    except (OSError, Image.DecompressionBombError, SyntaxError) as err:
+        raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None

@@ -73,11 +73,15 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def pick_tokens(logits: torch.Tensor, histories: Sequence[Sequence[int]], sampling: TextSampling,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row: (R, V) logits -> (R,) ids."""
+                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """Next token per row: (R, V) logits -> (R,) ids. A list of generators samples row r from generator r."""
     logits = penalize_repetition(logits.float(), histories, sampling.repetition_penalty)
     if sampling.greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {probs.shape[0]} rows")
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -22,7 +22,13 @@ from cheers.flow import flow_loss, interpolate, velocity_target
 from cheers.models.flow_head import DiTHead, HiGate, TimestepEmbedder
 from cheers.models.sequence import IGNORE_INDEX, Assembled, assemble, hybrid_mask, shift_labels
 from cheers.models.vae import LatentDecoder, VAEModel
-from cheers.models.vision import UnderstandingProjector, build_vision_tower, patch_embeddings, split_2x2, vit_features
+from cheers.models.vision import (
+    UnderstandingProjector,
+    build_vision_tower,
+    patch_embeddings,
+    split_2x2,
+    vit_features,
+)
 from cheers.tokens import SpecialTokens
 
 

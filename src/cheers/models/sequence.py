@@ -69,46 +69,22 @@ def assemble(
             f"{sum(n_markers) + markerless} (one prefix image per row without a marker)")
     dim = embed_tokens.embedding_dim
     dtype = embed_tokens.weight.dtype if image_tokens is None else image_tokens.dtype
-    next_image = 0
-    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    images = iter(image_tokens) if image_tokens is not None else iter(())
+    pieces = []
     for b, ids in enumerate(rows):
-        embs, flags, slots, labs = [], [], [], []
-        lab = row_labels[b] if row_labels is not None else None
-
-        def add_image(flagged: bool, marker: int) -> None:
-            nonlocal next_image
-            tok = image_tokens[next_image]  # (N, Dt)
-            next_image += 1
-            embs.append(tok)
-            n = tok.shape[0]
-            flags.append(torch.full((n,), flagged, dtype=torch.bool, device=ids.device))
-            slots.append(torch.ones(n, dtype=torch.bool, device=ids.device))
-            labs.append(torch.full((n,), marker, dtype=torch.long, device=ids.device))
-
-        def add_text(sl: slice) -> None:
-            seg = ids[sl]
-            if seg.numel() == 0:
-                return
-            embs.append(embed_tokens(seg).to(dtype))
-            flags.append(torch.zeros(seg.numel(), dtype=torch.bool, device=ids.device))
-            slots.append(torch.zeros(seg.numel(), dtype=torch.bool, device=ids.device))
-            labs.append(lab[sl] if lab is not None else seg)
-
+        row = _RowBuilder(ids, row_labels[b] if row_labels is not None else None, embed_tokens, dtype)
         if n_markers[b] == 0:
             if prefix_rows:
-                add_image(False, markers[0])
-            add_text(slice(None))
+                row.add_image(next(images), flagged=False, marker=markers[0])
+            row.add_text(slice(None))
         else:
             start = 0
             for pos in torch.nonzero(torch.isin(ids, marker_t)).flatten().tolist():
-                add_text(slice(start, pos))
-                add_image(True, int(ids[pos]))
+                row.add_text(slice(start, pos))
+                row.add_image(next(images), flagged=True, marker=int(ids[pos]))
                 start = pos + 1
-            add_text(slice(start, None))
-        row = (torch.cat(embs), torch.cat(flags), torch.cat(slots), torch.cat(labs) if lab is not None else None)
-        if max_length is not None:
-            row = tuple(x[:max_length] if x is not None else None for x in row)
-        pieces.append(row)
+            row.add_text(slice(start, None))
+        pieces.append(row.build(max_length))
 
     lengths = torch.tensor([p[0].shape[0] for p in pieces], device=input_ids.device)
     width = int(lengths.max())
@@ -119,10 +95,44 @@ def assemble(
     out_labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
     for b, (e, f, s, lab) in enumerate(pieces):
         n = e.shape[0]
-        embeds[b, :n], image_flags[b, :n], image_slots[b, :n], valid[b, :n] = e, f, s, True
-        if lab is not None:
-            out_labels[b, :n] = lab
+        embeds[b, :n], image_flags[b, :n], image_slots[b, :n], valid[b, :n], out_labels[b, :n] = e, f, s, True, lab
     return Assembled(embeds, image_flags, image_slots, valid, out_labels if labels is not None else None, lengths)
+
+
+class _RowBuilder:
+    """Collects one expanded row: embeddings, image flags, image slots and labels, piece by piece."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor | None, embed_tokens: nn.Embedding,
+                 dtype: torch.dtype) -> None:
+        self.ids, self.labels, self.embed_tokens, self.dtype = ids, labels, embed_tokens, dtype
+        self.embs: list[torch.Tensor] = []
+        self.flags: list[torch.Tensor] = []
+        self.slots: list[torch.Tensor] = []
+        self.labs: list[torch.Tensor] = []
+
+    def _add(self, emb: torch.Tensor, flag: bool, slot: bool, lab: torch.Tensor) -> None:
+        n = emb.shape[0]
+        self.embs.append(emb)
+        self.flags.append(torch.full((n,), flag, dtype=torch.bool, device=self.ids.device))
+        self.slots.append(torch.full((n,), slot, dtype=torch.bool, device=self.ids.device))
+        self.labs.append(lab)
+
+    def add_image(self, tokens: torch.Tensor, flagged: bool, marker: int) -> None:
+        """N image tokens (N, Dt); ``flagged`` ones form a bidirectional block, prefixed ones do not."""
+        lab = torch.full((tokens.shape[0],), marker, dtype=torch.long, device=self.ids.device)
+        self._add(tokens, flagged, True, lab)
+
+    def add_text(self, span: slice) -> None:
+        seg = self.ids[span]
+        if seg.numel():
+            lab = self.labels[span] if self.labels is not None else seg
+            self._add(self.embed_tokens(seg).to(self.dtype), False, False, lab)
+
+    def build(self, max_length: int | None):
+        if not self.embs:
+            raise ValueError("a row of the batch is empty (its attention mask has no 1)")
+        parts = (torch.cat(self.embs), torch.cat(self.flags), torch.cat(self.slots), torch.cat(self.labs))
+        return tuple(x[:max_length] for x in parts) if max_length is not None else parts
 
 
 def _run_ids(flags: torch.Tensor) -> torch.Tensor:

@@ -84,11 +84,12 @@ def text_bitmap(text: str) -> np.ndarray:
 def read_bitmap(ink: np.ndarray) -> str:
     """Read a string from an ink-coverage map cropped to the text's bounding box.
 
-    The crop's height spans 7 font pixels, which fixes the font pixel size ``s``; the number of glyphs
-    follows from the width. The font grid is sampled at each font pixel's centre (averaging its central
-    half) and each glyph cell goes to the nearest template (sum of squared differences). "1" and "I"
-    leave their outer columns blank, so a tight crop may start one font pixel late: both alignments
-    are read and the closer one wins.
+    The crop's height spans 7 font pixels, which fixes the font pixel size; the glyph count follows
+    from the width. The width itself is less reliable (blur erodes short stubs such as the right end
+    of "E", and "1" and "I" leave their outer columns blank), so a small search over horizontal scale,
+    sub-pixel shift and a blank leading column picks the alignment closest to the templates. The font
+    grid is sampled at each font pixel's centre (averaging its central half) and each glyph cell goes
+    to the nearest template (sum of squared differences).
 
     Args:
         ink: (h, w) float coverage in [0, 1] (or bool), tight around the text.
@@ -99,33 +100,37 @@ def read_bitmap(ink: np.ndarray) -> str:
     h, w = ink.shape
     if h < GLYPH_H or w < 1:
         return ""
-    s = h / GLYPH_H  # canvas pixels per font pixel
-    n = max(int(round((w / s + 1) / ADVANCE)), 1)
+    sy = h / GLYPH_H  # canvas pixels per font pixel, vertically
+    n = max(int(round((w / sy + 1) / ADVANCE)), 1)
+    cols = n * ADVANCE - 1
     best, best_cost = "", np.inf
-    for shift in (0, 1):
-        grid = _sample(ink, n * ADVANCE - 1, s, x_start=-shift * s)  # (7, 6n - 1)
-        cells = np.stack([grid[:, i * ADVANCE : i * ADVANCE + GLYPH_W] for i in range(n)])  # (n, 7, 5)
-        d = ((_TEMPLATES[None] - cells[:, None]) ** 2).sum(axis=(2, 3))  # (n, K)
-        cost = float(d.min(axis=1).sum())
-        if cost < best_cost:
-            best, best_cost = "".join(CHARSET[int(k)] for k in d.argmin(axis=1)), cost
+    for blank_left in (0, 1):
+        for scale in np.linspace(0.92, 1.08, 9):
+            sx = sy * float(scale)
+            for shift in (-0.5, 0.0, 0.5):
+                grid = _sample(ink, cols, sx, sy, x_start=shift - blank_left * sx)  # (7, 6n - 1)
+                cells = np.stack([grid[:, i * ADVANCE : i * ADVANCE + GLYPH_W] for i in range(n)])  # (n, 7, 5)
+                d = ((_TEMPLATES[None] - cells[:, None]) ** 2).sum(axis=(2, 3))  # (n, K)
+                cost = float(d.min(axis=1).sum())
+                if cost < best_cost:
+                    best, best_cost = "".join(CHARSET[int(k)] for k in d.argmin(axis=1)), cost
     return best
 
 
-def _sample(ink: np.ndarray, cols: int, s: float, x_start: float) -> np.ndarray:
+def _sample(ink: np.ndarray, cols: int, sx: float, sy: float, x_start: float) -> np.ndarray:
     """Mean ink over the central half of each font pixel of a (7, cols) grid starting at x_start.
 
-    Samples falling outside the crop count as blank. Returns (7, cols) float32.
+    sx, sy: font pixel size in canvas pixels. Samples outside the crop count as blank. Returns (7, cols).
     """
     h, w = ink.shape
-    r = max(s * 0.25, 0.5)
+    rx, ry = max(sx * 0.25, 0.5), max(sy * 0.25, 0.5)
     ii = np.cumsum(np.cumsum(np.pad(ink, ((1, 0), (1, 0))), axis=0), axis=1)  # (h+1, w+1)
-    ys = (np.arange(GLYPH_H) + 0.5) * s
-    xs = x_start + (np.arange(cols) + 0.5) * s
-    y0 = np.clip(np.floor(ys - r).astype(int), 0, h)
-    y1 = np.clip(np.ceil(ys + r).astype(int), 0, h)
-    x0 = np.clip(np.floor(xs - r).astype(int), 0, w)
-    x1 = np.clip(np.ceil(xs + r).astype(int), 0, w)
-    area = np.maximum((np.ceil(ys + r) - np.floor(ys - r))[:, None] * (np.ceil(xs + r) - np.floor(xs - r))[None], 1)
+    ys = (np.arange(GLYPH_H) + 0.5) * sy
+    xs = x_start + (np.arange(cols) + 0.5) * sx
+    y0 = np.clip(np.floor(ys - ry).astype(int), 0, h)
+    y1 = np.clip(np.ceil(ys + ry).astype(int), 0, h)
+    x0 = np.clip(np.floor(xs - rx).astype(int), 0, w)
+    x1 = np.clip(np.ceil(xs + rx).astype(int), 0, w)
+    area = (np.ceil(ys + ry) - np.floor(ys - ry))[:, None] * (np.ceil(xs + rx) - np.floor(xs - rx))[None]
     tot = ii[y1][:, x1] - ii[y0][:, x1] - ii[y1][:, x0] + ii[y0][:, x0]  # (7, cols)
-    return (tot / area).astype(np.float32)
+    return (tot / np.maximum(area, 1)).astype(np.float32)

@@ -3,7 +3,8 @@
 Steps (all deterministic, no learned model):
 1. Bring the image to the analysis size (box-downsampled so the longer side is <= 128 px).
 2. Background = the median colour of a 2-px border ring, named by the nearest background colour.
-3. Foreground = pixels whose lightly smoothed colour is far (> FG_THRESHOLD) from the background;
+3. Foreground = pixels whose lightly smoothed colour is far (> FG_THRESHOLD) from the background, or
+   whose raw colour is very far (> RAW_THRESHOLD);
    8-connected components of it, specks dropped.
 4. Per component: its colour is the median of its most saturated pixels, named by the nearest object
    colour; its mask is refined to the pixels at least half-way from the background to that colour
@@ -32,6 +33,8 @@ ANALYSIS_MAX = 128
 FG_THRESHOLD = 48.0
 """Colour distance (0..255 units) above which a smoothed pixel is foreground. Textures move the
 background by <= 31, object/background contrast is >= 105."""
+RAW_THRESHOLD = 90.0
+"""Colour distance above which an unsmoothed pixel is foreground as well (1-px glyph strokes at 64 px)."""
 TEXT_MAX_HEIGHT = 0.45
 """In grid cells: only components shorter than this can be glyphs (text is 0.33 cells tall)."""
 GLYPH_MAX_DEPTH = 0.75
@@ -40,6 +43,8 @@ per font pixel; every object survives at least one."""
 SIZE_SPLIT = 0.58
 """In grid cells: a box whose longer side is above this is a large object (small <= 0.48, large >= 0.68)."""
 TEMPLATE_N = 16
+INK_LEVEL = 0.6
+"""Rescaled ink level that bounds the text box (texture stays below it, thin blurred strokes above)."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,9 @@ def parse_image(image: Image.Image | np.ndarray) -> ParsedScene:
     background = nearest_color(bg, tuple(BACKGROUND_COLORS))
     smooth = smooth121(img)  # (H, W, 3)
     dist = np.linalg.norm(smooth - bg, axis=-1)  # (H, W)
-    labels, n = label_components(dist > FG_THRESHOLD)
+    # Thin (1 px) strokes fade under smoothing, so a clearly distinct raw pixel counts too.
+    raw = np.linalg.norm(img - bg, axis=-1)  # (H, W)
+    labels, n = label_components((dist > FG_THRESHOLD) | (raw > RAW_THRESHOLD))
     font_px = max(h, w) / 64.0
     min_area = 3.0 * font_px * font_px
     objects: list[ParsedObject] = []
@@ -153,7 +160,7 @@ def parse_image(image: Image.Image | np.ndarray) -> ParsedScene:
                 shape_distance=float(dists.min()),
             )
         )
-    text, text_color, text_cell = _read_text(img, bg, glyphs, cell_w, cell_h)
+    text, text_color, text_cell = _read_text(img, bg, glyphs, cell_w, cell_h, font_px)
     return ParsedScene(tuple(objects), background, text, text_color, text_cell)
 
 
@@ -181,7 +188,12 @@ def _alpha(img: np.ndarray, bg: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def _read_text(
-    img: np.ndarray, bg: np.ndarray, glyphs: list[tuple[np.ndarray, np.ndarray]], cell_w: float, cell_h: float
+    img: np.ndarray,
+    bg: np.ndarray,
+    glyphs: list[tuple[np.ndarray, np.ndarray]],
+    cell_w: float,
+    cell_h: float,
+    font_px: float,
 ) -> tuple[str | None, str | None, tuple[int, int] | None]:
     """Merge glyph components on the main text line and read them."""
     if not glyphs:
@@ -199,7 +211,18 @@ def _read_text(
     x1 = max(boxes[i][3] for i in line)
     rgb = np.median(np.stack([glyphs[i][1] for i in line]), axis=0)
     color = nearest_color(rgb, tuple(OBJECT_COLORS))
+    # Blur leaves thin diagonals (K, R) below the half level, outside the glyph masks: widen the box by
+    # a font pixel, rescale the ink so a full stroke reads 1, and take the tight box again.
+    pad = max(1, int(round(font_px)))
+    y0, x0 = max(y0 - pad, 0), max(x0 - pad, 0)
+    y1, x1 = min(y1 + pad, img.shape[0]), min(x1 + pad, img.shape[1])
     ink = np.clip(_alpha(img[y0:y1, x0:x1], bg, np.asarray(OBJECT_COLORS[color], dtype=np.float32)), 0.0, 1.0)
+    ink = np.clip(ink / max(float(np.percentile(ink, 97)), 0.25), 0.0, 1.0)
+    ys, xs = np.nonzero(ink >= INK_LEVEL)
+    if len(ys) == 0:
+        return None, color, None
+    ink = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    y0, y1, x0, x1 = y0 + ys.min(), y0 + ys.max() + 1, x0 + xs.min(), x0 + xs.max() + 1
     text = read_bitmap(ink) or None
     cell = (min(int((x0 + x1) / 2 / cell_w), 2), min(int((y0 + y1) / 2 / cell_h), 2))
     return text, color, cell

@@ -236,12 +236,12 @@ def place_text(
         gx = int(np.clip(round((col + 0.5) / 3 * FONT_GRID - w / 2), 1, FONT_GRID - 1 - w))
         gy = int(np.clip(round((row + 0.5) / 3 * FONT_GRID - h / 2), 1, FONT_GRID - 1 - h))
         item = TextItem(text, color, (gx, gy))
-        if all(not _overlap(item.bbox, o.bbox, margin=2 / FONT_GRID) for o in objects) and item.cell == (col, row):
+        if all(not boxes_overlap(item.bbox, o.bbox, margin=2 / FONT_GRID) for o in objects) and item.cell == (col, row):
             return item
     return None
 
 
-def _overlap(a: tuple[float, ...], b: tuple[float, ...], margin: float) -> bool:
+def boxes_overlap(a: tuple[float, ...], b: tuple[float, ...], margin: float) -> bool:
     return a[0] < b[2] + margin and b[0] < a[2] + margin and a[1] < b[3] + margin and b[1] < a[3] + margin
 
 

@@ -1,0 +1,204 @@
+"""The ``cheers`` command: a thin shell over :class:`cheers.pipeline.CheersPipeline` and the tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = "cheers-output.png"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | mps | auto")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _pipeline(args: argparse.Namespace):
+    from cheers.pipeline import CheersPipeline
+
+    return CheersPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+
+
+def save_image(image, path: Path, metadata: dict[str, Any]) -> None:
+    """PNG with the prompt, seed and settings in a text chunk, plus a sidecar JSON."""
+    from PIL.PngImagePlugin import PngInfo
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_text("cheers", json.dumps(metadata, default=str))
+    image.save(path, pnginfo=info)
+    path.with_suffix(".json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+
+
+def _generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    pipe = _pipeline(args)
+    out = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                        guidance_scale=args.guidance, shift=args.shift, height=args.height, width=args.width,
+                        num_images_per_prompt=args.num_images, generator=_generator(args.seed))
+    path = Path(args.out)
+    for i, image in enumerate(out.images):
+        target = path if len(out.images) == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+        save_image(image, target, {"prompt": args.prompt, "seed": args.seed, "index": i, "model": args.model,
+                                   **out.settings})
+        print(target)
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from cheers.image_ops import load_image
+
+    pipe = _pipeline(args)
+    out = pipe.edit(load_image(args.image), args.instruction, num_inference_steps=args.steps,
+                    guidance_scale=args.guidance, generator=_generator(args.seed))
+    save_image(out.images[0], Path(args.out), {"instruction": args.instruction, "image": args.image,
+                                               "seed": args.seed, "model": args.model, **out.settings})
+    print(args.out)
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from cheers.image_ops import load_image
+
+    pipe = _pipeline(args)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
+    for piece in pipe.chat(messages, images=[load_image(args.image)], max_new_tokens=args.max_new_tokens,
+                           stream=True):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from cheers.image_ops import load_image
+
+    pipe = _pipeline(args)
+    history: list[dict] = []
+    images: list = []
+    print("cheers chat: type a message; '/image PATH' attaches an image to your next message; '/quit' ends.")
+    pending: list = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line.startswith("/image "):
+            try:
+                pending.append(load_image(line[len("/image "):].strip()))
+                print(f"(image attached: {len(pending)} pending)")
+            except ValueError as err:
+                print(f"error: {err}")
+            continue
+        if not line:
+            continue
+        content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]
+        images += pending
+        pending = []
+        history.append({"role": "user", "content": content})
+        answer = pipe.chat(history, images=images or None, max_new_tokens=args.max_new_tokens).texts[0]
+        print(f"cheers> {answer}")
+        history.append({"role": "assistant", "content": answer})
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    pipe = _pipeline(args)
+    model = pipe.model
+    groups = {g: sum(p.numel() for _, p in ps) for g, ps in model.parameter_groups().items()}
+    dtype = next(model.parameters()).dtype
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    cfg = model.config
+    print(f"model: {args.model}")
+    print(f"image size: {pipe.processor.image_size} px, latent {cfg.latent_channels} channels, "
+          f"patch {cfg.patch_size}")
+    print(f"text: {cfg.text.num_hidden_layers} layers x {cfg.text.hidden_size}, vocab {cfg.text.vocab_size}")
+    print(f"vision: {cfg.vision.num_hidden_layers} layers x {cfg.vision.hidden_size}")
+    print(f"dtype: {dtype}, device: {pipe.device}, weights in memory: {nbytes / 2**20:.1f} MiB")
+    print(f"parameters: {sum(groups.values()):,}")
+    for g, n in groups.items():
+        print(f"  {g:16s} {n:>14,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cheers", description="Cheers: unified image understanding and generation")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="text-to-image")
+    p.add_argument("prompt")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--shift", type=float, default=None, help="the release's time-shift alpha (<1: more steps near noise)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    _model_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("edit", help="edit an image following an instruction")
+    p.add_argument("image")
+    p.add_argument("instruction")
+    p.add_argument("--out", default="cheers-edit.png")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    _model_args(p)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("ask", help="answer a question about an image")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    _model_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (images by path)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    _model_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="model summary: sizes, parameter counts, dtype, memory")
+    _model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    for module, adder in (("cheers.data.shapes.cli", "add_shapes_parser"), ("cheers.training.cli", "add_train_parser")):
+        try:
+            mod = __import__(module, fromlist=[adder])
+        except ImportError:
+            continue
+        getattr(mod, adder)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+        print(f"cheers: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

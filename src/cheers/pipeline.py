@@ -1,0 +1,361 @@
+"""CheersPipeline: text-to-image, editing and chat with one object, in the diffusers style.
+
+Each public call reads as numbered steps: check inputs -> encode prompts -> prepare latents -> sample ->
+decode. Defaults are the release's behaviour (dummy-image prefix, Euler with the release's last step);
+settings that change it are named options.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cheers.generation import GenerationOutput, generate
+from cheers.models.cheers import Cheers
+from cheers.models.pretrained import from_pretrained, resolve_dtype
+from cheers.processor import CheersProcessor
+from cheers.text_sampling import TextSampling
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class SamplingDefaults:
+    """Per-model default settings (a checkpoint may carry ``sampling_defaults.json``)."""
+
+    num_inference_steps: int = 80
+    guidance_scale: float = 5.0
+    shift: float = 0.5  # the release's alpha: < 1 spends more steps near the noise end
+    edit_num_inference_steps: int = 50
+    edit_guidance_scale: float = 3.0
+
+
+@dataclass
+class ImagePipelineOutput:
+    images: list[Any]  # per image: PIL.Image / (H, W, 3) array / (3, H, W) tensor / (C, h, w) latent
+    prompts: list[str]
+    settings: dict[str, Any]
+    hfi_maps: list[torch.Tensor] | None = None  # per image: (S, h, w) raw HFI gate per step
+
+
+@dataclass
+class ChatOutput:
+    texts: list[str]
+    token_ids: list[list[int]] = field(default_factory=list)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) != "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but CUDA is not available on this machine")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' was requested but MPS is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not (low <= value <= high) or value != value:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind} in [{low}, {high}], got {value!r}")
+
+
+class CheersPipeline:
+    """Understanding, generation and editing with a Cheers model and its processor."""
+
+    def __init__(self, model: Cheers, processor: CheersProcessor, defaults: SamplingDefaults | None = None,
+                 progress: bool = True) -> None:
+        if model.special is None:
+            model.special = processor.special
+        self.model, self.processor = model.eval(), processor
+        self.defaults = defaults or SamplingDefaults()
+        self.progress = progress
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "auto",
+                        dtype: str | torch.dtype | None = None, progress: bool = True) -> CheersPipeline:
+        """Load a release-layout directory, a hub id (``ai9stars/Cheers``) or ``"default"`` (the bundled model)."""
+        dev = resolve_device(device)
+        if str(name_or_path) == DEFAULT_MODEL:
+            from cheers.assets import default_model_dir
+
+            name_or_path = default_model_dir()
+        from cheers.checkpoint import resolve_checkpoint_dir
+
+        directory = resolve_checkpoint_dir(str(name_or_path))
+        model = from_pretrained(directory, dtype=resolve_dtype(dtype) if dtype else None, device=dev)
+        processor = CheersProcessor.from_pretrained(directory)
+        defaults = SamplingDefaults()
+        if (directory / SAMPLING_DEFAULTS_FILE).exists():
+            defaults = SamplingDefaults(**json.loads((directory / SAMPLING_DEFAULTS_FILE).read_text()))
+        return cls(model, processor, defaults, progress)
+
+    # -- text-to-image ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 shift: float | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil",
+                 callback_on_step_end: Callable[[int, float, torch.Tensor], None] | None = None,
+                 return_hfi_maps: bool = False, final_step: str = "release",
+                 prefix_image: str | None = "dummy") -> ImagePipelineOutput:
+        """Text-to-image.
+
+        Args:
+            prompt: one prompt or a list (batched; mixed lengths are padded and masked).
+            negative_prompt: replaces the release's unconditional prompt (all ``<no_mean>``) for guidance.
+            height, width: pixels, multiples of 2 x patch size (default: the model's resolution).
+            num_inference_steps: Euler steps.
+            guidance_scale: classifier-free guidance (1 or 0 disables it).
+            shift: the release's time-shift alpha; < 1 spends more steps near the noise end. Diffusers'
+                ``shift`` s corresponds to alpha = 1/s.
+            generator: one generator, or one per image (then each image equals its own single run).
+            latents: (n_images, C, h, w) start noise.
+            output_type: "pil", "np", "pt" or "latent".
+            callback_on_step_end: ``f(step, t, latent)`` after each step.
+            return_hfi_maps: also return the HFI gate maps of every step.
+            final_step: "release" (overshoot by 1/S as released) or "exact" (stop at t = 1).
+            prefix_image: "dummy" (the release's random-noise prefix image) or None.
+        """
+        d = self.defaults
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        scale = d.guidance_scale if guidance_scale is None else guidance_scale
+        alpha = d.shift if shift is None else shift
+        # 1. check inputs
+        prompts = self._prompt_list(prompt, "prompt")
+        _check_number("num_inference_steps", steps, 1, 10_000, integer=True)
+        _check_number("guidance_scale", scale, 0.0, 100.0)
+        _check_number("shift", alpha, 1e-3, 1e3)
+        _check_number("num_images_per_prompt", num_images_per_prompt, 1, 64, integer=True)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        grid = self._grid(height, width)
+        expanded = [p for p in prompts for _ in range(num_images_per_prompt)]
+        n = len(expanded)
+        if isinstance(generator, list) and len(generator) != n:
+            raise ValueError(f"got {len(generator)} generators for {n} images")
+        # 2. encode prompts (the release's chat template, then <im_start>)
+        inputs = self._encode([[{"role": "user", "content": p}] for p in expanded], "generate", prefix_image,
+                              generator)
+        uncond = None
+        if negative_prompt is not None:
+            negs = self._prompt_list(negative_prompt, "negative_prompt")
+            negs = negs * len(prompts) if len(negs) == 1 else negs
+            if len(negs) != len(prompts):
+                raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+            uncond = self._encode([[{"role": "user", "content": p}] for p in negs for _ in range(num_images_per_prompt)],
+                                  "generate", prefix_image, generator)
+        # 3. prepare latents
+        if latents is not None:
+            expect = (n, self.model.config.latent_channels, *grid)
+            if tuple(latents.shape) != expect:
+                raise ValueError(f"latents must have shape {expect}, got {tuple(latents.shape)}")
+        # 4. sample
+        out = self._run(inputs, uncond, steps=steps, cfg=scale, alpha=alpha, grid=grid, generator=generator,
+                        latents=latents, final_step=final_step, callback=callback_on_step_end,
+                        return_gates=return_hfi_maps, edit=False)
+        # 5. decode
+        images = [self._postprocess(out.images[i][0], out.latents[i][0], output_type) for i in range(n)]
+        settings = dict(num_inference_steps=steps, guidance_scale=scale, shift=alpha, height=grid[0] * self._patch,
+                        width=grid[1] * self._patch, final_step=final_step, negative_prompt=negative_prompt)
+        maps = [out.gates[i][0] for i in range(n)] if return_hfi_maps else None
+        return ImagePipelineOutput(images, expanded, settings, maps)
+
+    # -- editing --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def edit(self, image: Any, instruction: str, *, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, shift: float | None = None,
+             generator: torch.Generator | None = None, output_type: str = "pil",
+             return_hfi_maps: bool = False, final_step: str = "release") -> ImagePipelineOutput:
+        """Edit ``image`` following ``instruction`` (the release's start: z = 0.1·encode(image) + 0.9·noise)."""
+        d = self.defaults
+        steps = d.edit_num_inference_steps if num_inference_steps is None else num_inference_steps
+        scale = d.edit_guidance_scale if guidance_scale is None else guidance_scale
+        alpha = d.shift if shift is None else shift
+        _check_number("num_inference_steps", steps, 2, 10_000, integer=True)
+        _check_number("guidance_scale", scale, 0.0, 100.0)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        self._prompt_list(instruction, "instruction")
+        messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]]
+        inputs = self.processor(messages=messages, images=[image], mode="edit")
+        grid = self._grid(None, None)
+        out = self._run(inputs, None, steps=steps, cfg=scale, alpha=alpha, grid=grid, generator=generator,
+                        latents=None, final_step=final_step, callback=None, return_gates=return_hfi_maps, edit=True)
+        images = [self._postprocess(out.images[0][0], out.latents[0][0], output_type)]
+        settings = dict(num_inference_steps=steps, guidance_scale=scale, shift=alpha, instruction=instruction)
+        return ImagePipelineOutput(images, [instruction], settings, [out.gates[0][0]] if return_hfi_maps else None)
+
+    # -- understanding / chat ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def chat(self, messages: list[dict] | list[list[dict]], images: Any = None, *, max_new_tokens: int = 256,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             repetition_penalty: float = 1.0, num_beams: int = 1, generator: torch.Generator | None = None,
+             stream: bool = False, prefix_image: str | None = "dummy") -> ChatOutput | Iterator[str]:
+        """Answer a conversation (or a batch of them) with text.
+
+        Args:
+            messages: ``[{"role": "user", "content": "..." | [{"type": "image"}, {"type": "text", ...}]}]``,
+                or the release's ``<im_start><image><im_end>`` placeholders in the text.
+            images: the images of the ``{"type": "image"}`` items / placeholders, in order.
+            stream: yield text pieces of the (single) answer as they are decoded.
+            prefix_image: for conversations without an image, "dummy" prepends the release's random image.
+        """
+        _check_number("max_new_tokens", max_new_tokens, 1, 100_000, integer=True)
+        _check_number("num_beams", num_beams, 1, 64, integer=True)
+        sampling = TextSampling(temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty)
+        inputs = self.processor(messages=messages, images=images, mode="understand", prefix_image=prefix_image,
+                                generator=generator)
+        ids, mask = inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device)
+        pixels = self._pixels(inputs)
+        if num_beams > 1:
+            if stream:
+                raise ValueError("stream=True is not available with beam search (num_beams > 1)")
+            from cheers.beam_search import beam_search
+
+            seqs = beam_search(self.model, ids, mask, pixels, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            return ChatOutput([self._decode_answer(s) for s in seqs], seqs)
+        kwargs = dict(max_length=max_new_tokens - 1, sampling=sampling, generator=generator,
+                      latent_grid=self._grid(None, None))
+        if not stream:
+            out = generate(self.model, ids, mask, pixels, **kwargs)
+            return ChatOutput([self._decode_answer(s) for s in out.sequences], out.sequences)
+        if ids.shape[0] != 1:
+            raise ValueError("stream=True answers one conversation at a time")
+        return self._stream(ids, mask, pixels, kwargs)
+
+    def _stream(self, ids, mask, pixels, kwargs) -> Iterator[str]:
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.no_grad():
+                    generate(self.model, ids, mask, pixels, token_callback=lambda row, tok: pieces.put(tok), **kwargs)
+            except BaseException as err:  # surfaced in the consumer below
+                errors.append(err)
+            finally:
+                pieces.put(done)
+
+        threading.Thread(target=work, daemon=True).start()
+        tokens: list[int] = []
+        shown = ""
+        while (item := pieces.get()) is not done:
+            tokens.append(item)
+            text = self._decode_answer(tokens)
+            if len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+        if errors:
+            raise errors[0]
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    @property
+    def _patch(self) -> int:
+        return self.model.config.patch_size
+
+    def _grid(self, height: int | None, width: int | None) -> tuple[int, int]:
+        size = self.processor.image_size
+        height, width = height or size, width or size
+        step = 2 * self._patch
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < step or value % step or value > 8192:
+                raise ValueError(f"{name} must be a multiple of {step} between {step} and 8192, got {value!r}")
+        return height // self._patch, width // self._patch
+
+    @staticmethod
+    def _prompt_list(prompt: Any, name: str) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r:.80}")
+        if any(not p.strip() for p in prompts):
+            raise ValueError(f"{name} must not be empty")
+        return prompts
+
+    def _encode(self, messages, mode, prefix_image, generator) -> dict:
+        if not isinstance(generator, list):
+            return self.processor(messages=messages, mode=mode, prefix_image=prefix_image, generator=generator)
+        # one generator per row: row i's dummy image comes from generator i, exactly as when run alone
+        rows = [self.processor(messages=[m], mode=mode, prefix_image=prefix_image, generator=g)
+                for m, g in zip(messages, generator)]
+        width = max(r["input_ids"].shape[1] for r in rows)
+        pad = self.model.special.pad
+
+        def padded(key, value):
+            return torch.cat([torch.nn.functional.pad(r[key], (0, width - r[key].shape[1]), value=value) for r in rows])
+
+        pixels = [r["pixel_values"] for r in rows if r["pixel_values"] is not None]
+        return {"input_ids": padded("input_ids", pad), "attention_mask": padded("attention_mask", 0),
+                "pixel_values": torch.cat(pixels) if pixels else None}
+
+    def _pixels(self, inputs: dict) -> torch.Tensor | None:
+        px = inputs["pixel_values"]
+        return None if px is None else px.to(self.device, next(self.model.parameters()).dtype)
+
+    def _run(self, inputs, uncond, *, steps, cfg, alpha, grid, generator, latents, final_step, callback,
+             return_gates, edit) -> GenerationOutput:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(steps * 0.9) if edit else steps, desc="sampling", disable=not self.progress,
+                   leave=False)
+
+        def on_step(n, t, x, v):
+            bar.update(1)
+            if callback is not None:
+                callback(n, float(t), x)
+
+        try:
+            return generate(
+                self.model, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
+                self._pixels(inputs), num_inference_steps=steps, cfg_scale=cfg if cfg not in (0, 1) else None,
+                alpha=alpha, edit_image=edit, max_length=0, generator=generator,
+                latents=None if latents is None else latents.to(self.device), latent_grid=grid,
+                final_step=final_step, callback=on_step, return_gates=return_gates,
+                uncond_input_ids=None if uncond is None else uncond["input_ids"].to(self.device),
+                uncond_attention_mask=None if uncond is None else uncond["attention_mask"].to(self.device))
+        finally:
+            bar.close()
+
+    def _decode_answer(self, ids: list[int]) -> str:
+        s = self.model.special
+        ids = [i for i in ids if i not in (s.eos, s.pad)]
+        return self.processor.decode(ids, skip_special_tokens=True).strip()
+
+    @staticmethod
+    def _postprocess(pixels: torch.Tensor, latent: torch.Tensor, output_type: str) -> Any:
+        if output_type == "latent":
+            return latent.float().cpu()
+        img = pixels.float().clamp(0, 1).cpu()  # the release clamps only when saving
+        if output_type == "pt":
+            return img
+        arr = img.permute(1, 2, 0).numpy()
+        if output_type == "np":
+            return arr
+        return Image.fromarray((arr * 255).round().astype(np.uint8))

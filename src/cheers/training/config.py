@@ -1,0 +1,391 @@
+"""Training recipes: typed, strict YAML with command-line overrides.
+
+A recipe is one YAML file with the sections below (every key optional; unknown keys raise with their path)::
+
+    stage: "II"              # the paper's stage this recipe implements: "0" (VAE), I, II, III, IV or custom
+    out: runs/stage2         # run directory (checkpoints, metrics.jsonl, export/)
+    model:   {preset, overrides, dtype}
+    init:    {from_release, llm, vision, vae}
+    data:    {processor, sources: [{name, kind, task, ratio, path, image_root, ...}], cfg_dropout, ...}
+    train:   {trainable, lr, schedule, warmup_ratio, steps, micro_batch, global_batch, grad_clip, ...}
+    engine:  {strategy, precision, gradient_checkpointing, device}
+    checkpoint: {every, keep, export, export_dtype}
+    log:     {every, progress, tensorboard, sample_every, score_every}
+    vae:     {...}           # stage 0 only
+
+Recipes are found by name in the package (``cheers/training/recipes/NAME.yaml``) or by path. Overrides use
+dotted paths, list items by index: ``train.lr=2e-5``, ``data.sources.0.path=/data/und.jsonl``,
+``train.trainable=[llm,flow_head]``; values are parsed as YAML and then coerced to the field's type (so
+``2e-5``, which YAML 1.1 reads as a string, becomes a float).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe is missing, malformed, or has an unknown or invalid value (the message names its path)."""
+
+
+@dataclass
+class ModelSection:
+    """Architecture, when not starting from a release directory (``init.from_release`` brings its own)."""
+
+    preset: str | None = "official"
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted CheersConfig fields
+    dtype: str = "float32"  # dtype of the trained (master) weights
+
+
+@dataclass
+class InitSection:
+    """Starting points: a release-layout directory, or separate pretrained parts (local directories)."""
+
+    from_release: str | None = None
+    llm: str | None = None  # Qwen2 / Qwen2.5 (Qwen2Model or Qwen2ForCausalLM safetensors + config.json)
+    vision: str | None = None  # SigLIP (SiglipVisionModel or SiglipModel)
+    vae: str | None = None  # our stage-0 output, or a BFL-named VAE
+
+
+@dataclass
+class SourceSpec:
+    """One data source of the mixture.
+
+    kinds: ``jsonl`` (release records + ``image_root``), ``shards`` (a directory of tar shards written by
+    :func:`cheers.training.shards.write_shards`), ``shapes`` (ShapesWorld, generated on the fly).
+    ``task`` says what the source holds (``understanding``, ``generation``, ``editing``, ``text``, ``mixed``);
+    for ``shapes`` it chooses what is generated.
+    """
+
+    name: str = ""
+    kind: str = "jsonl"
+    task: str = "mixed"
+    ratio: float = 1.0
+    path: str | None = None
+    image_root: str | None = None
+    size: int = 100_000  # shapes: number of distinct samples per epoch
+    seed: int = 0  # shapes: world seed
+    options: dict[str, Any] = field(default_factory=dict)  # shapes: passed to the ShapesWorld builder
+
+    KINDS = ("jsonl", "shards", "shapes")
+    TASKS = ("understanding", "generation", "editing", "text", "mixed")
+
+
+@dataclass
+class DataSection:
+    processor: str | None = None  # tokenizer directory, "shapes", or None (= init.from_release / init.llm)
+    sources: list[SourceSpec] = field(default_factory=list)
+    cfg_dropout: float = 0.2  # probability that a generation sample's ids become the unconditional ones
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    max_corrupt_fraction: float = 0.01  # stop when more than this fraction of read samples was corrupt
+    corrupt_grace: int = 200  # ... but only once this many samples were read
+    max_retries: int = 16  # replacement draws for one corrupt position before giving up
+    seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    trainable: list[str] = field(default_factory=list)  # Cheers.PARAMETER_GROUPS names
+    lr: float = 1e-4
+    schedule: str = "constant"  # constant | cosine (both after a linear warm-up)
+    warmup_ratio: float = 0.02
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    steps: int = 1000  # optimizer steps
+    micro_batch: int = 1  # samples per forward, per process
+    global_batch: int = 1  # samples per optimizer step over all processes (accumulation fills the gap)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    flow_loss_weight: float = 1.0  # lambda in L_AR + lambda * L_FM
+    seed: int = 0
+
+
+@dataclass
+class EngineSection:
+    strategy: str = "auto"  # auto | single | ddp | fsdp  (auto: single for one process, fsdp under torchrun)
+    precision: str = "auto"  # auto | fp32 | bf16  (auto: bf16 autocast on CUDA, fp32 on CPU)
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    find_unused_parameters: bool = False  # DDP only
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1000  # steps; 0 = only at the end
+    keep: int = 2  # most recent checkpoints kept
+    export: bool = True  # write the release layout to <out>/export at the end
+    export_dtype: str | None = None  # e.g. bfloat16; None keeps the training dtype
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class LogSection:
+    every: int = 10  # steps between logged metrics
+    progress: bool = True
+    tensorboard: bool = True  # used when torch.utils.tensorboard imports; metrics.jsonl is always written
+    sample_every: int = 0  # steps between sample images (0 = off)
+    score_every: int = 0  # steps between score hooks (0 = off)
+    sample_steps: int = 20  # Euler steps of sample images
+    sample_count: int = 4
+
+
+@dataclass
+class VAESection:
+    """Stage 0: the small VAE (reconstruction + a small KL), then the BatchNorm latent statistics."""
+
+    kl_weight: float = 1e-6
+    fit_samples: int = 256  # images used to fit the latent statistics
+    loss: str = "l1+l2"  # l1 | l2 | l1+l2
+
+
+@dataclass
+class Recipe:
+    stage: str = "custom"
+    out: str = "runs/cheers"
+    model: ModelSection = field(default_factory=ModelSection)
+    init: InitSection = field(default_factory=InitSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    vae: VAESection = field(default_factory=VAESection)
+
+    STAGES = ("0", "I", "II", "III", "IV", "custom")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Value checks that need more than one field; raises RecipeError naming the path."""
+        t, d, e = self.train, self.data, self.engine
+        if self.stage not in self.STAGES:
+            raise RecipeError(f"stage: {self.stage!r} is not one of {self.STAGES}")
+        for name in ("steps", "micro_batch", "global_batch"):
+            if getattr(t, name) <= 0:
+                raise RecipeError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if t.global_batch % t.micro_batch:
+            raise RecipeError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
+                              f"({t.micro_batch})")
+        if t.lr <= 0 or not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
+            raise RecipeError(f"train: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1; got "
+                              f"{t.lr}, {t.warmup_ratio}, {t.min_lr_ratio}")
+        if t.schedule not in ("constant", "cosine"):
+            raise RecipeError(f"train.schedule: {t.schedule!r} is not 'constant' or 'cosine'")
+        if len(t.betas) != 2:
+            raise RecipeError(f"train.betas must have two entries, got {t.betas}")
+        if not 0 <= d.cfg_dropout <= 1 or not 0 <= d.max_corrupt_fraction <= 1:
+            raise RecipeError("data.cfg_dropout and data.max_corrupt_fraction must be in [0, 1]")
+        names = [s.name for s in d.sources]
+        if len(set(names)) != len(names):
+            raise RecipeError(f"data.sources: names must be unique, got {names}")
+        for i, s in enumerate(d.sources):
+            where = f"data.sources.{i}"
+            if s.kind not in SourceSpec.KINDS:
+                raise RecipeError(f"{where}.kind: {s.kind!r} is not one of {SourceSpec.KINDS}")
+            if s.task not in SourceSpec.TASKS:
+                raise RecipeError(f"{where}.task: {s.task!r} is not one of {SourceSpec.TASKS}")
+            if s.ratio <= 0 or float(s.ratio) != int(s.ratio):
+                raise RecipeError(f"{where}.ratio must be a positive whole number, got {s.ratio}")
+            if s.kind in ("jsonl", "shards") and not s.path:
+                raise RecipeError(f"{where}.path is required for kind {s.kind!r}")
+        if e.strategy not in ("auto", "single", "ddp", "fsdp"):
+            raise RecipeError(f"engine.strategy: {e.strategy!r} is not auto, single, ddp or fsdp")
+        if e.precision not in ("auto", "fp32", "bf16"):
+            raise RecipeError(f"engine.precision: {e.precision!r} is not auto, fp32 or bf16")
+        if e.device not in ("auto", "cpu", "cuda"):
+            raise RecipeError(f"engine.device: {e.device!r} is not auto, cpu or cuda")
+        if self.vae.loss not in ("l1", "l2", "l1+l2"):
+            raise RecipeError(f"vae.loss: {self.vae.loss!r} is not l1, l2 or l1+l2")
+        if self.init.from_release and (self.init.llm or self.init.vision or self.init.vae):
+            raise RecipeError("init.from_release brings every part; do not combine it with init.llm/vision/vae")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# building dataclasses from plain data, strictly
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(errors[0] if errors else f"{path}: cannot be {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{path}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise RecipeError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = float(value) if hint is float else int(value)
+            except ValueError:
+                raise RecipeError(f"{path}: expected a number, got {value!r}") from None
+        if hint is int and isinstance(value, float):
+            if not value.is_integer():
+                raise RecipeError(f"{path}: expected a whole number, got {value!r}")
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            raise RecipeError(f"{path}: expected a number, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RecipeError(f"{path}: expected a string, got {value!r}")
+    raise RecipeError(f"{path}: unsupported field type {hint!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = ", ".join(f"{path}.{k}" if path else k for k in unknown)
+        raise RecipeError(f"unknown recipe key(s): {where}; known keys{' of ' + path if path else ''}: {known}")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Build and validate a :class:`Recipe` from plain data (unknown keys raise with their path)."""
+    recipe = _build(Recipe, data, "")
+    recipe.validate()
+    return recipe
+
+
+# ------------------------------------------------------------------------------------------------------------
+# overrides and files
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=2e-5"`` -> ``("train.lr", "2e-5")`` with the value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {text!r} is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {text!r}: the value is not valid YAML ({err})") from None
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with dotted overrides applied (list items by index); the result is validated later."""
+    data = copy.deepcopy(data)
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        *parents, leaf = key.split(".")
+        node: Any = data
+        walked = []
+        for part in parents:
+            walked.append(part)
+            if isinstance(node, list):
+                node = _list_item(node, part, walked)
+                continue
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {key}: {'.'.join(walked[:-1])} is not a mapping")
+            node = node.setdefault(part, {})
+            if node is None:
+                node = _set_path(data, walked, {})
+        if isinstance(node, list):
+            index = _index(node, leaf, [*parents, leaf])
+            node[index] = value
+        elif isinstance(node, dict):
+            node[leaf] = value
+        else:
+            raise RecipeError(f"override {key}: {'.'.join(parents)} is not a mapping")
+    return data
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> Any:
+    node = data
+    for part in path[:-1]:
+        node = node[part] if isinstance(node, dict) else node[int(part)]
+    node[path[-1]] = value
+    return value
+
+
+def _index(items: list, part: str, walked: list[str]) -> int:
+    try:
+        index = int(part)
+    except ValueError:
+        raise RecipeError(f"{'.'.join(walked)}: {part!r} is not a list index") from None
+    if not -len(items) <= index < len(items):
+        raise RecipeError(f"{'.'.join(walked)}: index {index} is out of range (the list has {len(items)} items)")
+    return index
+
+
+def _list_item(items: list, part: str, walked: list[str]) -> Any:
+    return items[_index(items, part, walked)]
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a packaged recipe (``stage1``, ``tiny-shapes``...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = resources.files("cheers.training") / "recipes" / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise RecipeError(f"no recipe file {str(name_or_path)!r} and no packaged recipe of that name; packaged: "
+                      f"{packaged_recipes()}")
+
+
+def packaged_recipes() -> list[str]:
+    folder = resources.files("cheers.training") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Recipe:
+    """Read a recipe by name or path, apply ``--set`` overrides, build it strictly and validate it."""
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    try:
+        return recipe_from_dict(apply_overrides(data, overrides))
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
