@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .palette import CELL_NAMES, NUMBER_WORDS, RELATIONS, plural
+from .scoring import relative_position
 from .world import (
     ALL_CELLS,
     Scene,
@@ -69,14 +70,13 @@ def _cells(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
 
 
 def _relation_cells(rng: np.random.Generator, rel: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(cell of the subject, cell of the reference) with the subject strictly <rel> the reference."""
+    """(cell of the subject, cell of the reference) with the subject strictly <rel> the reference:
+    the offset along the relation's axis is larger than across it."""
     while True:
         a, b = _cells(rng, 2)
         dx, dy = a[0] - b[0], a[1] - b[1]
-        # Same-row/column or one-step diagonals keep GenEval's centroid test unambiguous.
-        ok = {"left of": dx < 0 and abs(dy) <= 1 and abs(dy) <= -dx, "right of": dx > 0 and abs(dy) <= 1 and abs(dy) <= dx,
-              "above": dy < 0 and abs(dx) <= 1 and abs(dx) <= -dy, "below": dy > 0 and abs(dx) <= 1 and abs(dx) <= dy}[rel]
-        if ok:
+        along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[rel]
+        if along > abs(across):
             return a, b
 
 
@@ -123,10 +123,13 @@ def sample_generation(rng: np.random.Generator, tag: str, cfg: WorldConfig | Non
     elif tag == "position":
         ref, sub = (str(x) for x in rng.choice(shapes, size=2, replace=False))
         rel = str(rng.choice(RELATIONS))
-        a_cell, b_cell = _relation_cells(rng, rel)
         spec = {"include": [{"class": ref, "count": 1}, {"class": sub, "count": 1, "position": [rel, 0]}],
                 "prompt": f"{object_phrase(sub)} {rel} {object_phrase(ref)}"}
-        objects = [obj(b_cell, ref), obj(a_cell, sub)]
+        while True:  # jitter can blur a two-step diagonal: redraw until GenEval's test agrees
+            a_cell, b_cell = _relation_cells(rng, rel)
+            objects = [obj(b_cell, ref), obj(a_cell, sub)]
+            if rel in relative_position(objects[1].bbox, objects[0].bbox):
+                break
     else:  # color_attr
         a, b = (str(x) for x in rng.choice(shapes, size=2, replace=False))
         ca, cb = (str(x) for x in rng.choice(colors, size=2, replace=False))
