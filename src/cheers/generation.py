@@ -10,6 +10,7 @@ Guidance runs the conditional and unconditional prompts as one batch and tokeniz
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,9 +47,18 @@ class LMState:
 
 
 def prefill(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            pixel_values: torch.Tensor | None) -> LMState:
-    """Run the prompt (images at t = 1) and keep its cache; the last real position seeds decoding."""
-    out = model(input_ids, attention_mask, pixel_values, use_cache=True)
+            pixel_values: torch.Tensor | None, repeat_images: int = 1) -> LMState:
+    """Run the prompt (images at t = 1) and keep its cache; the last real position seeds decoding.
+
+    ``repeat_images`` > 1 tokenizes ``pixel_values`` once and feeds the tokens to that many copies of the
+    batch (the guidance branches share their images).
+    """
+    features = None
+    if pixel_values is not None:
+        features = model.model.image_features(pixel_values)
+        if repeat_images > 1:
+            features = dataclasses.replace(features, tokens=features.tokens.repeat(repeat_images, 1, 1))
+    out = model(input_ids, attention_mask, use_cache=True, image_features=features)
     asm = out.assembled
     last = (asm.lengths - 1).clamp(min=0)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -208,8 +218,7 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
         width = max(input_ids.shape[1], uncond_input_ids.shape[1])
         ids = torch.cat([_pad_to(input_ids, width, special.pad), _pad_to(uncond_input_ids, width, special.pad)])
         mask = torch.cat([_pad_to(attention_mask, width, 0), _pad_to(uncond_attention_mask, width, 0)])
-        pix = None if pixel_values is None else torch.cat([pixel_values, pixel_values])
-    state = prefill(model, ids, mask, pix)
+    state = prefill(model, ids, mask, pix, repeat_images=2 if guided else 1)
     rows = state.key_valid.shape[0]
     lengths = attention_mask.sum(dim=1)
     last_token = input_ids[torch.arange(batch, device=device), lengths - 1]

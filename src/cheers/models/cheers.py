@@ -241,7 +241,7 @@ class Cheers(nn.Module):
                 pixel_values: torch.Tensor | None = None, t: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, x0: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, past_key_values=None, use_cache: bool = False,
-                flow_loss_weight: float = 1.0) -> CheersOutput:
+                flow_loss_weight: float = 1.0, image_features: ImageFeatures | None = None) -> CheersOutput:
         """Understanding forward (no labels) or training forward (labels), SPEC §5, §6, §11.
 
         Args:
@@ -252,10 +252,14 @@ class Cheers(nn.Module):
             labels: (B, L) unshifted labels aligned with ``input_ids``.
             x0: (n, C, h, w) the flow noise (drawn from ``generator`` if needed and not given).
             flow_loss_weight: lambda in ``L_AR + lambda·L_FM``.
+            image_features: precomputed :meth:`CheersModel.image_features` of ``pixel_values`` (reused, e.g.
+                by both guidance branches); ``pixel_values`` is then ignored.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        feats = self.model.image_features(pixel_values, t, x0, generator) if pixel_values is not None else None
+        feats = image_features
+        if feats is None and pixel_values is not None:
+            feats = self.model.image_features(pixel_values, t, x0, generator)
         asm = assemble(input_ids, attention_mask, feats.tokens if feats else None,
                        self.model.language_model.embed_tokens, self.markers, labels,
                        self.config.options.max_sequence_length)

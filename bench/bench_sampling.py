@@ -1,0 +1,107 @@
+"""Text-to-image speed: our sampler against a straightforward implementation of the release's loop.
+
+Random weights at a preset's sizes (timing does not depend on the values). Prints seconds per image and per
+step, the FLOPs of one guided step of each, images/s at several batch sizes, and the ratio measured in this run.
+
+    python bench/bench_sampling.py --preset small --steps 8 --guidance 3
+    python bench/bench_sampling.py --preset official --steps 80 --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cheers.config import preset
+from cheers.generation import generate
+from cheers.models.cheers import Cheers
+from cheers.reference_loop import release_style_sample
+from cheers.tokens import SpecialTokens
+
+
+def build(name: str, device: str, dtype: torch.dtype) -> Cheers:
+    cfg = preset(name)
+    v = cfg.text.vocab_size
+    special = SpecialTokens(image=v - 5, image_gen=v - 4, im_start=v - 3, im_end=v - 2, no_mean=v - 1, eos=v - 8,
+                            pad=v - 9, chat_start=v - 7, chat_end=v - 8, newline=v - 10, vocab_size=v)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Cheers(cfg, special=special)
+    for name_, p in model.named_parameters():  # non-zero heads, so nothing is skipped by accident
+        if "adaLN_modulation" in name_ or "hi_gate.gate.2" in name_:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.to(dtype).eval()
+
+
+def prompt(model: Cheers, length: int, device: str) -> torch.Tensor:
+    s = model.special
+    body = torch.randint(0, model.config.text.vocab_size - 16, (length,)).tolist()
+    return torch.tensor([[s.chat_start, *body, s.chat_end, s.newline, s.im_start]], device=device)
+
+
+def timed(fn, repeats: int, sync) -> float:
+    fn()  # warm-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batches", default="1,4")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    model = build(args.preset, args.device, dtype)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    size = model.config.image_size
+    grid = (size // model.config.patch_size,) * 2
+    ids = prompt(model, 24, args.device)
+    dummy = torch.rand(1, 3, size, size, device=args.device, dtype=dtype)
+    noise = torch.randn(1, model.config.latent_channels, *grid, device=args.device, dtype=dtype)
+    kw = dict(num_inference_steps=args.steps, cfg_scale=args.guidance, alpha=0.5)
+
+    def ours(batch: int = 1):
+        return generate(model, ids.expand(batch, -1), None, dummy.expand(batch, -1, -1, -1),
+                        latents=noise.expand(batch, -1, -1, -1), max_length=0, **kw)
+
+    def release():
+        return release_style_sample(model, ids, dummy, noise, **kw)
+
+    with torch.no_grad():
+        diff = (ours().images[0][0].float() - release()[0].float()).abs().max().item()
+        flops = {}
+        for label, fn in (("release-style", release), ("ours", ours)):
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            flops[label] = counter.get_total_flops() / args.steps
+        t_rel = timed(release, args.repeats, sync)
+        t_ours = timed(ours, args.repeats, sync)
+        print(f"preset={args.preset} device={args.device} dtype={args.dtype} steps={args.steps} "
+              f"guidance={args.guidance} image={size}px threads={torch.get_num_threads()}")
+        print(f"max |ours - release-style| on the image: {diff:.2e}")
+        for label, t in (("release-style", t_rel), ("ours", t_ours)):
+            f = flops[label]
+            print(f"{label:14s} {t:8.3f} s/image  {t / args.steps * 1e3:8.1f} ms/step  "
+                  f"{f / 1e9:9.2f} GFLOP/step  {f * args.steps / t / 1e12:7.3f} TFLOP/s")
+        print(f"speed-up (release-style / ours, same run): {t_rel / t_ours:.2f}x")
+        for batch in [int(b) for b in args.batches.split(",")]:
+            t = timed(lambda b=batch: ours(b), 1, sync)
+            print(f"batch {batch:3d}: {batch / t:7.3f} images/s")
+        if args.device.startswith("cuda"):
+            print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
