@@ -74,10 +74,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     pipe = _pipeline(args)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
+    said = False
     for piece in pipe.chat(messages, images=[load_image(args.image)], max_new_tokens=args.max_new_tokens,
                            stream=True):
         print(piece, end="", flush=True)
-    print()
+        said = said or bool(piece.strip())
+    print("" if said else "(the model gave an empty answer)")
     return 0
 
 

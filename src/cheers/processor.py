@@ -91,7 +91,14 @@ class CheersProcessor:
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"processor path {str(path)!r} is not a directory")
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns about model_type "umm"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         add_cheers_special_tokens(tokenizer)
         config: dict[str, Any] = {}
         if (path / PREPROCESSOR_CONFIG).is_file():

@@ -7,6 +7,7 @@ ShapesWorld tokenizer, built once into the cache directory and clearly reported 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -58,5 +59,9 @@ def random_tiny_model_dir(directory: Path | None = None, seed: int = 0) -> Path:
     model = Cheers(config, special=processor.special)
     processor.save_pretrained(staging)
     save_pretrained(model, staging)
+    # an untrained model gains nothing from many steps: keep the demo quick
+    (staging / "sampling_defaults.json").write_text(json.dumps(
+        {"num_inference_steps": 8, "guidance_scale": 3.0, "shift": 0.5, "edit_num_inference_steps": 8,
+         "edit_guidance_scale": 3.0}, indent=2) + "\n")
     staging.rename(directory)
     return directory
