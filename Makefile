@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch first, so the package's torch range does not pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,train,eval]"
+	$(PY) -m pip install -q -e ".[dev,train,eval,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_info)
 
-    for module, adder in (("cheers.data.shapes.cli", "add_shapes_parser"), ("cheers.training.cli", "add_train_parser")):
+    for module, adder in (("cheers.data.shapes.cli", "add_shapes_parser"), ("cheers.training.cli", "add_train_parser"),
+                          ("cheers.web", "add_web_parser")):
         try:
             mod = __import__(module, fromlist=[adder])
         except ImportError:
