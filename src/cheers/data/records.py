@@ -58,7 +58,9 @@ class Record:
         """The release-format dict; image paths are written relative to ``image_root`` when given."""
         out: dict[str, Any] = {"id": self.id}
         if self.images:
-            paths = [str(p.relative_to(image_root)) if image_root is not None else str(p) for p in self.images]
+            paths = [
+                str(p.relative_to(image_root)) if image_root is not None else str(p) for p in self.images
+            ]
             out["image"] = ", ".join(p.replace("\\", "/") for p in paths)
         out["conversations"] = [{"from": t.role, "value": t.value} for t in self.conversations]
         out.update(self.extra)
@@ -85,14 +87,20 @@ def parse_record(
         raise RecordError(f"{where}: 'id' must be a non-empty string or integer, got {rid!r}")
     convs = obj.get("conversations")
     if not isinstance(convs, list) or not convs:
-        raise RecordError(f"{where} (id {rid}): 'conversations' must be a non-empty list, got {type(convs).__name__}")
+        raise RecordError(
+            f"{where} (id {rid}): 'conversations' must be a non-empty list, got {type(convs).__name__}"
+        )
     turns = []
     for i, t in enumerate(convs):
         if not isinstance(t, dict) or t.get("from") not in ROLES or not isinstance(t.get("value"), str):
-            raise RecordError(f"{where} (id {rid}): turn {i} must be {{'from': 'human'|'gpt', 'value': str}}, got {t!r}")
+            raise RecordError(
+                f"{where} (id {rid}): turn {i} must be {{'from': 'human'|'gpt', 'value': str}}, got {t!r}"
+            )
         expected = ROLES[i % 2]
         if t["from"] != expected:
-            raise RecordError(f"{where} (id {rid}): turn {i} is from {t['from']!r}, expected {expected!r} (turns alternate, human first)")
+            raise RecordError(
+                f"{where} (id {rid}): turn {i} is from {t['from']!r}, expected {expected!r} (turns alternate, human first)"
+            )
         turns.append(Turn(t["from"], t["value"]))
     paths = _split_paths(obj.get("image"), where, rid)
     markers = _markers(turns)
@@ -132,7 +140,9 @@ def _split_paths(image: Any, where: str, rid: Any) -> list[str]:
         raise RecordError(f"{where} (id {rid}): 'image' must be a non-empty string, got {image!r}")
     paths = [p.strip() for p in image.split(", ")]
     if any(not p for p in paths) or len(paths) > 2:
-        raise RecordError(f"{where} (id {rid}): 'image' must be 'path' or 'src_path, target_path', got {image!r}")
+        raise RecordError(
+            f"{where} (id {rid}): 'image' must be 'path' or 'src_path, target_path', got {image!r}"
+        )
     return paths
 
 
@@ -169,7 +179,9 @@ def iter_records(
             yield parse_record(obj, image_root, check_images, where)
 
 
-def read_records(path: str | Path, image_root: str | Path | None = None, check_images: bool = True) -> list[Record]:
+def read_records(
+    path: str | Path, image_root: str | Path | None = None, check_images: bool = True
+) -> list[Record]:
     """All records of a jsonl file; ids must be unique within the file."""
     out = list(iter_records(path, image_root, check_images))
     seen: set[str] = set()

@@ -28,11 +28,17 @@ class EditSample:
     target: Scene
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "instruction": self.instruction,
-                "source": self.source.to_dict(), "target": self.target.to_dict()}
+        return {
+            "kind": self.kind,
+            "instruction": self.instruction,
+            "source": self.source.to_dict(),
+            "target": self.target.to_dict(),
+        }
 
 
-def _free_cells(scene: Scene, size: str, rng: np.random.Generator) -> list[tuple[tuple[int, int], tuple[float, float]]]:
+def _free_cells(
+    scene: Scene, size: str, rng: np.random.Generator
+) -> list[tuple[tuple[int, int], tuple[float, float]]]:
     """Free cells (with a jittered centre) where an object of ``size`` would not touch the text."""
     used = {o.cell for o in scene.objects}
     out = []
@@ -46,7 +52,9 @@ def _free_cells(scene: Scene, size: str, rng: np.random.Generator) -> list[tuple
     return out
 
 
-def apply_edit(scene: Scene, kind: str, rng: np.random.Generator, cfg: WorldConfig | None = None) -> EditSample | None:
+def apply_edit(
+    scene: Scene, kind: str, rng: np.random.Generator, cfg: WorldConfig | None = None
+) -> EditSample | None:
     """Apply one edit of ``kind`` to ``scene``; None when the scene does not allow it (e.g. nothing
     to remove, no free cell, no object with a unique description)."""
     cfg = cfg or WorldConfig()
@@ -106,7 +114,9 @@ def _cell_name(cell: tuple[int, int]) -> str:
     return cell_phrase(cell).removeprefix("at the ").removeprefix("in the ")
 
 
-def sample_edit(rng: np.random.Generator, cfg: WorldConfig | None = None, kind: str | None = None) -> EditSample:
+def sample_edit(
+    rng: np.random.Generator, cfg: WorldConfig | None = None, kind: str | None = None
+) -> EditSample:
     """A random scene and one applicable edit (of ``kind`` if given); retries scenes until one fits."""
     cfg = cfg or WorldConfig()
     if kind is not None and kind not in EDIT_KINDS:
@@ -118,4 +128,3 @@ def sample_edit(rng: np.random.Generator, cfg: WorldConfig | None = None, kind: 
         if out is not None:
             return out
     raise RuntimeError(f"no scene allowed a {kind!r} edit in 100 tries with {cfg}")
-

@@ -62,11 +62,16 @@ def _bitmap(ch: str) -> np.ndarray:
 
 
 GLYPHS: dict[str, np.ndarray] = {ch: _bitmap(ch) for ch in _FONT}
-_TEMPLATES = np.stack([GLYPHS[ch] for ch in CHARSET]).astype(np.float32)  # (K, 7, 5)
+_TEMPLATES_Z = np.stack([GLYPHS[ch].reshape(-1) for ch in CHARSET]).astype(np.float32)  # (K, 35)
+_TEMPLATES_Z -= _TEMPLATES_Z.mean(axis=1, keepdims=True)
+_TEMPLATES_Z /= np.linalg.norm(_TEMPLATES_Z, axis=1, keepdims=True)  # zero-mean, unit-norm templates
 
 
 def text_extent(text: str) -> tuple[int, int]:
-    """(width, height) of ``text`` in font pixels."""
+    """(width, height) of ``text`` in font pixels; raises ValueError on empty text or unknown characters."""
+    bad = sorted({c for c in text if c not in _FONT})
+    if not text or bad:
+        raise ValueError(f"text {text!r} is empty or has characters outside the font ({CHARSET}): {bad}")
     return ADVANCE * len(text) - 1, GLYPH_H
 
 
@@ -89,7 +94,8 @@ def read_bitmap(ink: np.ndarray) -> str:
     of "E", and "1" and "I" leave their outer columns blank), so a small search over horizontal scale,
     sub-pixel shift and a blank leading column picks the alignment closest to the templates. The font
     grid is sampled at each font pixel's centre (averaging its central half) and each glyph cell goes
-    to the nearest template (sum of squared differences).
+    to the template it correlates with best (so faded thin strokes, e.g. K's diagonals under blur,
+    still count by their pattern, not their brightness).
 
     Args:
         ink: (h, w) float coverage in [0, 1] (or bool), tight around the text.
@@ -105,12 +111,17 @@ def read_bitmap(ink: np.ndarray) -> str:
     cols = n * ADVANCE - 1
     best, best_cost = "", np.inf
     for blank_left in (0, 1):
-        for scale in np.linspace(0.92, 1.08, 9):
+        for scale in np.linspace(0.95, 1.05, 5):
             sx = sy * float(scale)
-            for shift in (-0.5, 0.0, 0.5):
+            for shift in (-0.25, 0.0, 0.25):
                 grid = _sample(ink, cols, sx, sy, x_start=shift - blank_left * sx)  # (7, 6n - 1)
-                cells = np.stack([grid[:, i * ADVANCE : i * ADVANCE + GLYPH_W] for i in range(n)])  # (n, 7, 5)
-                d = ((_TEMPLATES[None] - cells[:, None]) ** 2).sum(axis=(2, 3))  # (n, K)
+                cells = np.stack(
+                    [grid[:, i * ADVANCE : i * ADVANCE + GLYPH_W] for i in range(n)]
+                )  # (n, 7, 5)
+                c = cells.reshape(n, -1)  # (n, 35)
+                c = c - c.mean(axis=1, keepdims=True)
+                c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-6)
+                d = 1.0 - (c[:, None, :] * _TEMPLATES_Z[None]).sum(-1)  # (n, K): 1 - correlation
                 cost = float(d.min(axis=1).sum())
                 if cost < best_cost:
                     best, best_cost = "".join(CHARSET[int(k)] for k in d.argmin(axis=1)), cost

@@ -4,16 +4,16 @@ Steps (all deterministic, no learned model):
 1. Bring the image to the analysis size (box-downsampled so the longer side is <= 128 px).
 2. Background = the median colour of a 2-px border ring, named by the nearest background colour.
 3. Foreground = pixels whose lightly smoothed colour is far (> FG_THRESHOLD) from the background, or
-   whose raw colour is very far (> RAW_THRESHOLD);
-   8-connected components of it, specks dropped.
-4. Per component: its colour is the median of its most saturated pixels, named by the nearest object
-   colour; its mask is refined to the pixels at least half-way from the background to that colour
-   (the half-level edge is where a blurred edge really was).
+   whose raw colour is very far (> RAW_THRESHOLD); 8-connected components of it, specks dropped.
+4. Per component: its colour is the object colour that best explains its most distinct pixels as a
+   mix with the background (_name_color); its mask is refined to the pixels at least half-way from
+   the background to that colour (the half-level edge is where a blurred edge really was).
 5. Components that are short (text is 7 font px = 0.33 cells tall) and thin (strokes one font pixel
    wide vanish under an erosion that every object survives) are glyphs: they are merged into one text
    line and read by glyphs.read_bitmap.
-   The others are objects: shape = nearest template of the 16x16 occupancy of the bounding box; size
-   from the box's longer side; cell from the box centre.
+   The others are objects: shape = nearest template of the 16x16 soft occupancy of the bounding box
+   (templates: ideal, small and blurred renders of each shape); size from the box's longer side; cell
+   from the box centre.
 """
 
 from __future__ import annotations
@@ -82,11 +82,13 @@ def _templates() -> tuple[tuple[str, ...], np.ndarray]:
         for extent, sigma in ((64.0, 0.0), (10.0, 0.0), (20.0, 0.0), (20.0, 1.2), (30.0, 1.6), (30.0, 2.2)):
             _, _, cov = coverage(s, 40.3, 40.6, extent)
             if sigma > 0:
-                cov = gaussian_blur((cov[..., None] * 255).astype(np.uint8).repeat(3, -1), sigma)[..., 0] / 255.0
-            m = cov >= 0.5
-            ys, xs = np.nonzero(m)
+                cov = (
+                    gaussian_blur((cov[..., None] * 255).astype(np.uint8).repeat(3, -1), sigma)[..., 0]
+                    / 255.0
+                )
+            ys, xs = np.nonzero(cov >= 0.5)
             names.append(s)
-            out.append(resample_box(m[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], TEMPLATE_N))
+            out.append(resample_box(cov[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], TEMPLATE_N))
     return tuple(names), np.stack(out)  # (K, n, n)
 
 
@@ -116,7 +118,14 @@ def parse_image(image: Image.Image | np.ndarray) -> ParsedScene:
     img = to_analysis_array(image)  # (H, W, 3)
     h, w, _ = img.shape
     cell_w, cell_h = w / 3.0, h / 3.0
-    ring = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3), img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
+    ring = np.concatenate(
+        [
+            img[:2].reshape(-1, 3),
+            img[-2:].reshape(-1, 3),
+            img[:, :2].reshape(-1, 3),
+            img[:, -2:].reshape(-1, 3),
+        ]
+    )
     bg = np.median(ring, axis=0)  # (3,)
     background = nearest_color(bg, tuple(BACKGROUND_COLORS))
     smooth = smooth121(img)  # (H, W, 3)
@@ -135,17 +144,22 @@ def parse_image(image: Image.Image | np.ndarray) -> ParsedScene:
         d = dist[comp]
         core = img[comp][d >= 0.8 * d.max()]
         rgb = np.median(core, axis=0)
-        color = nearest_color(rgb, tuple(OBJECT_COLORS))
+        color = _name_color(rgb, bg)
         ref = np.asarray(OBJECT_COLORS[color], dtype=np.float32)
-        mask = comp & (_alpha(img, bg, ref) >= 0.5)
+        alpha = _alpha(img, bg, ref)
+        mask = comp & (alpha >= 0.5)
         if mask.sum() < min_area:
             continue
         ys, xs = np.nonzero(mask)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        if (y1 - y0) < TEXT_MAX_HEIGHT * cell_h and _erosion_depth(mask[y0:y1, x0:x1]) < GLYPH_MAX_DEPTH * font_px:
+        if (y1 - y0) < TEXT_MAX_HEIGHT * cell_h and _erosion_depth(
+            mask[y0:y1, x0:x1]
+        ) < GLYPH_MAX_DEPTH * font_px:
             glyphs.append((mask, rgb))
             continue
-        occ = resample_box(mask[y0:y1, x0:x1], TEMPLATE_N)  # (n, n)
+        # Soft occupancy: edge pixels count by coverage, so a texture shade next to an edge pixel
+        # cannot flip it in or out (thresholded small squares would look round).
+        occ = resample_box(np.clip(alpha[y0:y1, x0:x1], 0.0, 1.0) * comp[y0:y1, x0:x1], TEMPLATE_N)  # (n, n)
         dists = ((_TEMPLATES - occ[None]) ** 2).mean(axis=(1, 2))  # (S,)
         cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
         side = max((x1 - x0) / cell_w, (y1 - y0) / cell_h)
@@ -178,13 +192,33 @@ def _erosion_depth(mask: np.ndarray, cap: int = 8) -> int:
     return cap
 
 
+_OBJECT_RGB = np.array(list(OBJECT_COLORS.values()), dtype=np.float32)  # (K, 3)
+_OBJECT_NAMES = tuple(OBJECT_COLORS)
+MIN_COVER = 0.55
+"""Least coverage a core may have: blurred 1-font-px strokes peak near 0.6-0.66 (lower admits JPEG-smeared
+mixtures that name the wrong colour)."""
+
+
+def _name_color(rgb: np.ndarray, bg: np.ndarray) -> str:
+    """The object colour c that best explains ``rgb`` as a mix a * c + (1 - a) * bg, a in [MIN_COVER, 1].
+
+    Plain nearest-colour naming fails on thin blurred strokes, whose cores never reach full colour
+    (dim white on black is nearer purple than white); solid cores (a = 1) name as nearest colour.
+    """
+    v = _OBJECT_RGB - bg[None]  # (K, 3)
+    p = np.asarray(rgb, dtype=np.float32) - bg  # (3,)
+    a = np.clip((v * p[None]).sum(-1) / np.maximum((v * v).sum(-1), 1e-6), MIN_COVER, 1.0)  # (K,)
+    resid = ((p[None] - a[:, None] * v) ** 2).sum(-1)
+    return _OBJECT_NAMES[int(np.argmin(resid))]
+
+
 def _alpha(img: np.ndarray, bg: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Per-pixel position between ``bg`` (0) and ``ref`` (1): projection on the bg->ref segment."""
     axis = ref - bg
     denom = float(axis @ axis)
     if denom < 1e-6:
         return np.zeros(img.shape[:2], dtype=np.float32)
-    return ((img - bg) @ axis) / denom
+    return ((img - bg) * axis).sum(axis=-1) / denom  # not "@": tiny BLAS calls thrash threads
 
 
 def _read_text(
@@ -210,7 +244,7 @@ def _read_text(
     x0 = min(boxes[i][2] for i in line)
     x1 = max(boxes[i][3] for i in line)
     rgb = np.median(np.stack([glyphs[i][1] for i in line]), axis=0)
-    color = nearest_color(rgb, tuple(OBJECT_COLORS))
+    color = _name_color(rgb, bg)
     # Blur leaves thin diagonals (K, R) below the half level, outside the glyph masks: widen the box by
     # a font pixel, rescale the ink so a full stroke reads 1, and take the tight box again.
     pad = max(1, int(round(font_px)))

@@ -56,12 +56,45 @@ CELL_NAMES: dict[tuple[int, int], str] = {
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 
 WORDS: tuple[str, ...] = (
-    "CAT", "DOG", "SUN", "SKY", "BOX", "ZOO", "HI", "GO", "OK", "YES", "NO", "TOP",
-    "STOP", "RED", "MAP", "JAM", "FOX", "KEY", "WAVE", "QUIZ", "EXIT", "OPEN", "BUS", "VAN",
+    "CAT",
+    "DOG",
+    "SUN",
+    "SKY",
+    "BOX",
+    "ZOO",
+    "HI",
+    "GO",
+    "OK",
+    "YES",
+    "NO",
+    "TOP",
+    "STOP",
+    "RED",
+    "MAP",
+    "JAM",
+    "FOX",
+    "KEY",
+    "WAVE",
+    "QUIZ",
+    "EXIT",
+    "OPEN",
+    "BUS",
+    "VAN",
 )
 """Words that can be written in a scene (digits strings of 1-3 digits are drawn too)."""
 
-NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBER_WORDS: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+)
 
 
 def plural(shape: str) -> str:

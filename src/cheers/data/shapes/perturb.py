@@ -27,8 +27,8 @@ def gaussian_blur(arr: np.ndarray, sigma: float) -> np.ndarray:
     r = max(1, int(np.ceil(3 * sigma)))
     x = np.arange(-r, r + 1, dtype=np.float64)
     k = np.exp(-0.5 * (x / sigma) ** 2)
-    k /= k.sum()
-    out = arr.astype(np.float64)
+    k = (k / k.sum()).astype(np.float32)
+    out = arr.astype(np.float32)
     for axis in (0, 1):
         pad = [(0, 0)] * 3
         pad[axis] = (r, r)

@@ -30,7 +30,14 @@ from .world import (
     sample_background,
 )
 
-GENEVAL_TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+GENEVAL_TAGS: tuple[str, ...] = (
+    "single_object",
+    "two_object",
+    "counting",
+    "colors",
+    "position",
+    "color_attr",
+)
 PROMPT_TAGS: tuple[str, ...] = (*GENEVAL_TAGS, "dense")
 TEXTURE_WORDS: dict[str, str] = {
     "flat": "plain",
@@ -75,12 +82,16 @@ def _relation_cells(rng: np.random.Generator, rel: str) -> tuple[tuple[int, int]
     while True:
         a, b = _cells(rng, 2)
         dx, dy = a[0] - b[0], a[1] - b[1]
-        along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[rel]
+        along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[
+            rel
+        ]
         if along > abs(across):
             return a, b
 
 
-def sample_generation(rng: np.random.Generator, tag: str, cfg: WorldConfig | None = None) -> tuple[dict[str, Any], Scene]:
+def sample_generation(
+    rng: np.random.Generator, tag: str, cfg: WorldConfig | None = None
+) -> tuple[dict[str, Any], Scene]:
     """A prompt spec of category ``tag`` and a scene satisfying it (unspecified attributes are random).
 
     Args:
@@ -108,13 +119,18 @@ def sample_generation(rng: np.random.Generator, tag: str, cfg: WorldConfig | Non
         objects = [obj(_cells(rng, 1)[0], s)]
     elif tag == "two_object":
         a, b = (str(x) for x in rng.choice(shapes, size=2, replace=False))
-        spec = {"include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
-                "prompt": f"{object_phrase(a)} and {object_phrase(b)}"}
+        spec = {
+            "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+            "prompt": f"{object_phrase(a)} and {object_phrase(b)}",
+        }
         objects = [obj(c, s) for c, s in zip(_cells(rng, 2), (a, b))]
     elif tag == "counting":
         s, n = str(rng.choice(shapes)), int(rng.integers(1, 5))
-        spec = {"include": [{"class": s, "count": n}], "exclude": [{"class": s, "count": n + 1}],
-                "prompt": object_phrase(s, count=n) if n > 1 else f"one {s}"}
+        spec = {
+            "include": [{"class": s, "count": n}],
+            "exclude": [{"class": s, "count": n + 1}],
+            "prompt": object_phrase(s, count=n) if n > 1 else f"one {s}",
+        }
         objects = [obj(c, s) for c in _cells(rng, n)]
     elif tag == "colors":
         s, c = str(rng.choice(shapes)), str(rng.choice(colors))
@@ -123,8 +139,10 @@ def sample_generation(rng: np.random.Generator, tag: str, cfg: WorldConfig | Non
     elif tag == "position":
         ref, sub = (str(x) for x in rng.choice(shapes, size=2, replace=False))
         rel = str(rng.choice(RELATIONS))
-        spec = {"include": [{"class": ref, "count": 1}, {"class": sub, "count": 1, "position": [rel, 0]}],
-                "prompt": f"{object_phrase(sub)} {rel} {object_phrase(ref)}"}
+        spec = {
+            "include": [{"class": ref, "count": 1}, {"class": sub, "count": 1, "position": [rel, 0]}],
+            "prompt": f"{object_phrase(sub)} {rel} {object_phrase(ref)}",
+        }
         while True:  # jitter can blur a two-step diagonal: redraw until GenEval's test agrees
             a_cell, b_cell = _relation_cells(rng, rel)
             objects = [obj(b_cell, ref), obj(a_cell, sub)]
@@ -133,8 +151,10 @@ def sample_generation(rng: np.random.Generator, tag: str, cfg: WorldConfig | Non
     else:  # color_attr
         a, b = (str(x) for x in rng.choice(shapes, size=2, replace=False))
         ca, cb = (str(x) for x in rng.choice(colors, size=2, replace=False))
-        spec = {"include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
-                "prompt": f"{object_phrase(a, ca)} and {object_phrase(b, cb)}"}
+        spec = {
+            "include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
+            "prompt": f"{object_phrase(a, ca)} and {object_phrase(b, cb)}",
+        }
         objects = [obj(c, s, col) for c, s, col in zip(_cells(rng, 2), (a, b), (ca, cb))]
     return {"tag": tag, **spec}, Scene(tuple(objects), bg, None)
 
@@ -154,7 +174,8 @@ def _dense(rng: np.random.Generator, cfg: WorldConfig) -> tuple[dict[str, Any], 
 def dense_spec(scene: Scene) -> dict[str, Any]:
     """The exhaustive spec (and DPG-like prompt) describing every object, the background and the text."""
     include = [
-        {"class": o.shape, "count": 1, "color": o.color, "size": o.size, "cell": list(o.cell)} for o in scene.objects
+        {"class": o.shape, "count": 1, "color": o.color, "size": o.size, "cell": list(o.cell)}
+        for o in scene.objects
     ]
     spec: dict[str, Any] = {
         "tag": "dense",
@@ -183,5 +204,7 @@ def detailed_caption(scene: Scene) -> str:
         p = object_phrase(o.shape, o.color, o.size)
         s.append(f"{p[0].upper()}{p[1:]} {cell_phrase(o.cell)}.")
     if scene.text is not None:
-        s.append(f"The text {scene.text.text} is written in {scene.text.color} {cell_phrase(scene.text.cell)}.")
+        s.append(
+            f"The text {scene.text.text} is written in {scene.text.color} {cell_phrase(scene.text.cell)}."
+        )
     return " ".join(s)

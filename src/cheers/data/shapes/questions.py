@@ -18,7 +18,14 @@ from .prompts import object_phrase
 from .world import Scene, ShapeObject
 
 QUESTION_TYPES: tuple[str, ...] = (
-    "color", "background", "count", "exists", "where", "relation", "ocr", "multiple_choice",
+    "color",
+    "background",
+    "count",
+    "exists",
+    "where",
+    "relation",
+    "ocr",
+    "multiple_choice",
 )
 YES_NO_TYPES: tuple[str, ...] = ("exists", "relation")
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
@@ -55,7 +62,12 @@ def scene_questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, An
             choices = [str(options[int(i)]) for i in order]
             letter = "ABCD"[choices.index(o.color)]
             body = "\n".join(f"{L}. {c}" for L, c in zip("ABCD", choices))
-            qs.append({**_q("multiple_choice", f"What color is the {o.shape}?\n{body}{MC_SUFFIX}", letter), "choices": choices})
+            qs.append(
+                {
+                    **_q("multiple_choice", f"What color is the {o.shape}?\n{body}{MC_SUFFIX}", letter),
+                    "choices": choices,
+                }
+            )
     qs.append(_q("background", "What color is the background?", scene.background.color))
     shape = str(rng.choice(SHAPES))
     n = sum(x.shape == shape for x in scene.objects)
@@ -75,7 +87,13 @@ def scene_questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, An
         rel = _cell_relation(a, b, rng)
         if rel is not None:
             text, truth = rel
-            qs.append(_q("relation", f"Is {referring_phrase(a, ua)} {text} {referring_phrase(b, ub)}?", "yes" if truth else "no"))
+            qs.append(
+                _q(
+                    "relation",
+                    f"Is {referring_phrase(a, ua)} {text} {referring_phrase(b, ub)}?",
+                    "yes" if truth else "no",
+                )
+            )
     if scene.text is not None:
         qs.append(_q("ocr", "What does the text say?", scene.text.text))
     return qs
@@ -107,8 +125,11 @@ def text_only_sample(rng: np.random.Generator) -> tuple[str, str]:
     if kind == 1:
         s1, s2 = (str(x) for x in rng.choice(SHAPES, size=2, replace=False))
         a, b = (int(x) for x in rng.integers(1, 5, size=2))
-        return (f"There are {NUMBER_WORDS[a]} {plural(s1) if a > 1 else s1} and {NUMBER_WORDS[b]} "
-                f"{plural(s2) if b > 1 else s2}. How many shapes are there in total?", str(a + b))
+        return (
+            f"There are {NUMBER_WORDS[a]} {plural(s1) if a > 1 else s1} and {NUMBER_WORDS[b]} "
+            f"{plural(s2) if b > 1 else s2}. How many shapes are there in total?",
+            str(a + b),
+        )
     if kind == 2:
         c = str(rng.choice(list(OBJECT_COLORS)))
         s1, s2 = (str(x) for x in rng.choice(SHAPES, size=2, replace=False))
@@ -117,7 +138,14 @@ def text_only_sample(rng: np.random.Generator) -> tuple[str, str]:
         return f"Which of these words is a color: {', '.join(order)}?", c
     if kind == 3:
         rel = str(rng.choice(["left", "right", "above", "below", "top", "bottom"]))
-        opposite = {"left": "right", "right": "left", "above": "below", "below": "above", "top": "bottom", "bottom": "top"}
+        opposite = {
+            "left": "right",
+            "right": "left",
+            "above": "below",
+            "below": "above",
+            "top": "bottom",
+            "bottom": "top",
+        }
         return f"What is the opposite of {rel}?", opposite[rel]
     a, b = (int(x) for x in rng.integers(0, 5, size=2))
     return f"What is {a} plus {b}?", str(a + b)

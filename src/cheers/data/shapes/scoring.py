@@ -87,7 +87,9 @@ def score_spec(parsed: ParsedScene, spec: dict[str, Any]) -> SpecResult:
                     bad = [t for t in target if rel not in relative_position(o.bbox, t.bbox)]
                     if bad:
                         ok = False
-                        reasons.append(f"expected {req['class']} {rel} target, found {sorted(relative_position(o.bbox, bad[0].bbox))}")
+                        reasons.append(
+                            f"expected {req['class']} {rel} target, found {sorted(relative_position(o.bbox, bad[0].bbox))}"
+                        )
                         break
         groups.append(found if ok else None)
     for req in spec.get("exclude", []):
@@ -99,7 +101,9 @@ def score_spec(parsed: ParsedScene, spec: dict[str, Any]) -> SpecResult:
     if "background" in spec and parsed.background != spec["background"]["color"]:
         reasons.append(f"expected a {spec['background']['color']} background, found {parsed.background}")
     if "text" in spec and (parsed.text, parsed.text_color) != (spec["text"]["text"], spec["text"]["color"]):
-        reasons.append(f"expected text {spec['text']['text']!r} in {spec['text']['color']}, found {parsed.text!r} in {parsed.text_color}")
+        reasons.append(
+            f"expected text {spec['text']['text']!r} in {spec['text']['color']}, found {parsed.text!r} in {parsed.text_color}"
+        )
     return SpecResult(not reasons and all(g is not None for g in groups), tuple(reasons))
 
 

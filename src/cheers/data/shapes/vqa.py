@@ -59,7 +59,7 @@ def score_vqa(items: Iterable[dict[str, Any]]) -> VQAReport:
     """Score predictions. items: dicts with "type", "answer" and "prediction" (question types from
     questions.QUESTION_TYPES). Types without items are absent from ``accuracy``; empty metrics are 0."""
     per: dict[str, list[bool]] = defaultdict(list)
-    tp = fp = fn = tn = n_yes_pred = n_yn = 0
+    tp = fp = fn = n_yes_pred = n_yn = n_yn_ok = 0
     for it in items:
         kind, ans, pred = it["type"], it["answer"], it.get("prediction", "")
         if kind == "multiple_choice":
@@ -68,11 +68,11 @@ def score_vqa(items: Iterable[dict[str, Any]]) -> VQAReport:
             p, a = _yes_no(pred), normalize_answer(ans)
             ok = p == a
             n_yn += 1
+            n_yn_ok += ok
             n_yes_pred += p == "yes"
             tp += p == "yes" and a == "yes"
             fp += p == "yes" and a == "no"
             fn += p != "yes" and a == "yes"
-            tn += p != "yes" and a == "no"
         else:
             ok = normalize_answer(pred) == normalize_answer(ans)
         per[kind].append(ok)
@@ -82,7 +82,7 @@ def score_vqa(items: Iterable[dict[str, Any]]) -> VQAReport:
     return VQAReport(
         accuracy={k: sum(v) / len(v) for k, v in sorted(per.items())},
         overall=sum(allv) / len(allv) if allv else 0.0,
-        yes_no_accuracy=(tp + tn) / n_yn if n_yn else 0.0,
+        yes_no_accuracy=n_yn_ok / n_yn if n_yn else 0.0,
         yes_no_precision=prec,
         yes_no_recall=rec,
         yes_no_f1=2 * prec * rec / (prec + rec) if prec + rec else 0.0,

@@ -135,7 +135,8 @@ class Scene:
     def to_dict(self) -> dict[str, Any]:
         return {
             "objects": [
-                {**asdict(o), "cell": list(o.cell), "center": [float(c) for c in o.center]} for o in self.objects
+                {**asdict(o), "cell": list(o.cell), "center": [float(c) for c in o.center]}
+                for o in self.objects
             ],
             "background": asdict(self.background),
             "text": None if self.text is None else {**asdict(self.text), "origin": list(self.text.origin)},
@@ -175,7 +176,9 @@ class WorldConfig:
             if bad or not got:
                 raise ValueError(f"WorldConfig.{name} has unknown or no entries {bad or got}; known: {known}")
         if not 1 <= self.min_objects <= self.max_objects <= 9:
-            raise ValueError(f"need 1 <= min_objects <= max_objects <= 9, got {self.min_objects}, {self.max_objects}")
+            raise ValueError(
+                f"need 1 <= min_objects <= max_objects <= 9, got {self.min_objects}, {self.max_objects}"
+            )
         if not 0.0 <= self.text_prob <= 1.0:
             raise ValueError(f"text_prob must be in [0, 1], got {self.text_prob}")
 
@@ -218,10 +221,11 @@ def sample_background(rng: np.random.Generator, cfg: WorldConfig, avoid: tuple[s
 
 
 def random_text(rng: np.random.Generator) -> str:
-    """A word from palette.WORDS or a 1-3 digit number (half the time each)."""
+    """A word from palette.WORDS or a number of 1-3 digits (half the time each)."""
     if rng.random() < 0.5:
         return str(rng.choice(WORDS))
-    return str(int(rng.integers(0, 1000)))
+    digits = int(rng.integers(1, 4))
+    return str(int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10**digits)))
 
 
 def place_text(
@@ -236,7 +240,10 @@ def place_text(
         gx = int(np.clip(round((col + 0.5) / 3 * FONT_GRID - w / 2), 1, FONT_GRID - 1 - w))
         gy = int(np.clip(round((row + 0.5) / 3 * FONT_GRID - h / 2), 1, FONT_GRID - 1 - h))
         item = TextItem(text, color, (gx, gy))
-        if all(not boxes_overlap(item.bbox, o.bbox, margin=2 / FONT_GRID) for o in objects) and item.cell == (col, row):
+        if all(not boxes_overlap(item.bbox, o.bbox, margin=2 / FONT_GRID) for o in objects) and item.cell == (
+            col,
+            row,
+        ):
             return item
     return None
 
