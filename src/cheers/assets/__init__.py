@@ -41,7 +41,9 @@ def random_tiny_model_dir(directory: Path | None = None, seed: int = 0) -> Path:
     import torch
 
     from cheers.config import preset
-    from cheers.data.shapes.tokenizer import build_shapes_tokenizer
+    import shutil
+
+    from cheers.data.shapes.tokenizer import ASSET_DIR
     from cheers.models.cheers import Cheers
     from cheers.models.pretrained import save_pretrained
     from cheers.processor import CheersProcessor
@@ -51,7 +53,8 @@ def random_tiny_model_dir(directory: Path | None = None, seed: int = 0) -> Path:
         return directory
     staging = directory.with_name(directory.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
-    build_shapes_tokenizer(staging)
+    for f in ASSET_DIR.iterdir():  # the shipped ShapesWorld tokenizer
+        shutil.copy(f, staging / f.name)
     processor = CheersProcessor.from_pretrained(staging, image_size=128, patch_size=16)
     vocab = len(processor.tokenizer)
     config = preset("tiny").replace(**{"text.vocab_size": vocab})
