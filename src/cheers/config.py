@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,42 @@ def _check_positive(owner: str, **values: int) -> None:
             raise ConfigError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
+def _coerce(owner: str, name: str, annotation: str, value: Any) -> Any:
+    """Check ``value`` against a field's annotation (as written in this file); raise ConfigError naming it."""
+    optional = annotation.endswith("| None")
+    base = annotation.replace("| None", "").strip()
+    if value is None and optional:
+        return None
+    ok = True
+    if base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "str":
+        ok = isinstance(value, str)
+    elif base == "dict":
+        ok = isinstance(value, dict)
+    elif base == "tuple[int, ...]":
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    if not ok:
+        raise ConfigError(f"{owner}.{name} must be {annotation}, got {value!r}")
+    return value
+
+
 def _from_dict(cls, data: dict[str, Any] | None, owner: str, ignored: frozenset[str] = frozenset()):
     """Build dataclass ``cls`` from ``data``; unknown keys raise, ``ignored`` keys are dropped."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{owner} must be a JSON object, got {type(data).__name__}")
     data = dict(data or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known - ignored)
+    known = {f.name: f.type for f in fields(cls)}
+    unknown = sorted(set(data) - set(known) - ignored)
     if unknown:
         raise ConfigError(f"unknown key(s) in {owner}: {unknown}; known keys are {sorted(known)}")
-    kwargs = {k: v for k, v in data.items() if k in known}
-    for k in ("ch_mult",):
-        if k in kwargs and kwargs[k] is not None:
-            kwargs[k] = tuple(kwargs[k])
+    kwargs = {k: _coerce(owner, k, known[k], v) for k, v in data.items() if k in known}
     return cls(**kwargs)
 
 
