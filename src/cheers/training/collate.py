@@ -38,6 +38,13 @@ class Batch:
         return Batch(**move, tasks=self.tasks, attempted=self.attempted, corrupt=self.corrupt,
                      reasons=dict(self.reasons))
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader calls this with ``pin_memory=True``)."""
+        pinned = {k: getattr(self, k).pin_memory()
+                  for k in ("input_ids", "attention_mask", "labels", "pixel_values", "t", "x0")}
+        return Batch(**pinned, tasks=self.tasks, attempted=self.attempted, corrupt=self.corrupt,
+                     reasons=dict(self.reasons))
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of :meth:`cheers.models.cheers.Cheers.forward`."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,

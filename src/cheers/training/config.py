@@ -72,9 +72,9 @@ class SourceSpec:
     ratio: float = 1.0
     path: str | None = None
     image_root: str | None = None
-    size: int = 100_000  # shapes: number of distinct samples per epoch
-    seed: int = 0  # shapes: world seed
-    options: dict[str, Any] = field(default_factory=dict)  # shapes: passed to the ShapesWorld builder
+    size: int = 100_000  # shapes: number of distinct samples (seeds) per epoch
+    seed: int = 0  # shapes: first seed of the split
+    options: dict[str, Any] = field(default_factory=dict)  # shapes: split, mix, world (see ShapesSource)
 
     KINDS = ("jsonl", "shards", "shapes")
     TASKS = ("understanding", "generation", "editing", "text", "mixed")
@@ -123,6 +123,7 @@ class EngineSection:
 @dataclass
 class CheckpointSection:
     every: int = 1000  # steps; 0 = only at the end
+    at_end: bool = True  # also when the run (or a --stop-after slice) ends
     keep: int = 2  # most recent checkpoints kept
     export: bool = True  # write the release layout to <out>/export at the end
     export_dtype: str | None = None  # e.g. bfloat16; None keeps the training dtype

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cheers.training.collate import Batch, collate
-from cheers.training.samples import SampleBuilder, mix_seed
+from cheers.training.samples import mix_seed
 from cheers.training.sources import CorruptSample, Source
 
 logger = logging.getLogger(__name__)
@@ -122,14 +122,17 @@ class MicroBatches(Dataset):
     Args:
         sources: the mixture's sources.
         ratios: one whole-number ratio per source.
-        builder: record + images -> sample.
+        builder: ``builder(record, images, seed) -> sample``; raises CorruptSample for unusable records
+            (normally a :class:`~cheers.training.samples.SampleBuilder`).
+        collate_fn: samples -> batch with ``attempted``, ``corrupt`` and ``reasons`` attributes (normally
+            ``functools.partial(collate, pad_id=...)``).
         layout: how the stream is cut (see :class:`Layout`).
         seed: data seed (mixture cycles, epoch orders, per-sample randomness).
         max_retries: replacement draws for one corrupt position.
     """
 
-    def __init__(self, sources: Sequence[Source], ratios: Sequence[int], builder: SampleBuilder, layout: Layout,
-                 seed: int = 0, max_retries: int = 16) -> None:
+    def __init__(self, sources: Sequence[Source], ratios: Sequence[int], builder: Callable[..., Any],
+                 collate_fn: Callable[[list[Any]], Any], layout: Layout, seed: int = 0, max_retries: int = 16) -> None:
         if len(sources) != len(ratios):
             raise ValueError(f"{len(sources)} sources but {len(ratios)} ratios")
         if not sources:
@@ -137,6 +140,7 @@ class MicroBatches(Dataset):
         self.sources = list(sources)
         self.mixture = Mixture(ratios, seed)
         self.builder = builder
+        self.collate_fn = collate_fn
         self.layout = layout
         self.seed = seed
         self.max_retries = max_retries
@@ -159,7 +163,7 @@ class MicroBatches(Dataset):
         epoch, i = divmod(k, len(self.sources[source]))
         return source, int(self._order(source, epoch)[i])
 
-    def sample(self, position: int, stats: Counter) -> object:
+    def sample(self, position: int, stats: Counter) -> Any:
         source, index = self.record_index(position)
         src = self.sources[source]
         for attempt in range(self.max_retries + 1):
@@ -176,16 +180,16 @@ class MicroBatches(Dataset):
         raise CorruptDataError(f"position {position}: {self.max_retries + 1} draws from source {src.name!r} were "
                                "all corrupt")
 
-    def __getitem__(self, micro_index: int) -> Batch:
+    def __getitem__(self, micro_index: int) -> Any:
         stats: Counter = Counter()
         samples = [self.sample(p, stats) for p in self.layout.positions(micro_index)]
-        batch = collate(samples, self.builder.special.pad)
+        batch = self.collate_fn(samples)
         batch.attempted, batch.corrupt = stats["attempted"], stats["corrupt"]
         batch.reasons = {k[7:]: v for k, v in stats.items() if k.startswith("reason:")}
         return batch
 
 
-def _identity(batch: Batch) -> Batch:
+def _identity(batch: Any) -> Any:
     return batch
 
 
@@ -204,3 +208,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
+
+
+def build_sources(specs: Sequence, resolution: int = 128) -> tuple[list[Source], list[int]]:
+    """Sources and their ratios from the recipe's ``data.sources`` (:class:`~cheers.training.config.SourceSpec`)."""
+    from cheers.training.shapes_source import ShapesSource
+    from cheers.training.shards import ShardSource
+    from cheers.training.sources import JsonlSource
+
+    sources: list[Source] = []
+    for i, spec in enumerate(specs):
+        name = spec.name or f"source{i}"
+        if spec.kind == "jsonl":
+            sources.append(JsonlSource(spec.path, spec.image_root, name=name, task=spec.task))
+        elif spec.kind == "shards":
+            sources.append(ShardSource(spec.path, name=name, task=spec.task))
+        elif spec.kind == "shapes":
+            sources.append(ShapesSource(spec.task, spec.size, spec.seed, resolution, name, spec.options))
+        else:
+            raise ValueError(f"data.sources.{i}.kind: unknown kind {spec.kind!r}")
+    return sources, [int(spec.ratio) for spec in specs]

@@ -30,7 +30,6 @@ from cheers.training.sources import (
     JsonlSource,
     _stable_hash,
     check_record,
-    image_paths,
     open_image,
     permutation,
 )
@@ -100,7 +99,7 @@ def jsonl_to_shards(jsonl: str | os.PathLike, image_root: str | os.PathLike | No
             except CorruptSample as err:
                 logger.warning("skipping record %d of %s: %s", i, jsonl, err)
                 continue
-            yield record, [source.image_root / p for p in image_paths(record)]
+            yield record, [source.image_root / p for p in check_record(record)]
 
     return write_shards(pairs(), out_dir, samples_per_shard)
 
@@ -185,9 +184,8 @@ class ShardSource:
             record = json.loads(tar.extractfile(entry[f"{key}.json"]).read())
         except (json.JSONDecodeError, UnicodeDecodeError, OSError, tarfile.TarError) as err:
             raise CorruptSample("bad_record", f"{self.shards[s]}:{key}: {err}") from None
-        check_record(record)
         images = []
-        for name in image_paths(record):
+        for name in check_record(record, f"{self.shards[s]}:{key}"):
             if name not in entry:
                 raise CorruptSample("missing_image", f"{self.shards[s]}:{name}")
             try:

@@ -54,27 +54,18 @@ def permutation(n: int, *seed_parts: int) -> np.ndarray:
     return np.random.default_rng([abs(int(s)) for s in seed_parts]).permutation(n)
 
 
-def image_paths(record: dict[str, Any]) -> list[str]:
-    """The record's image paths in order (``"src, target"`` for editing); [] when it has none."""
-    image = record.get("image")
-    if image is None:
-        return []
-    if isinstance(image, list):
-        parts = image
-    elif isinstance(image, str):
-        parts = image.split(",")
-    else:
-        raise CorruptSample("bad_record", f"'image' must be a string or a list, got {type(image).__name__}")
-    return [p.strip() for p in parts if str(p).strip()]
+def check_record(record: Any, where: str = "<record>") -> list[str]:
+    """Validate a release record (:func:`cheers.data.records.parse_record`); returns its image paths in order.
 
+    Raises CorruptSample("bad_record") naming ``where`` for anything the release format does not allow.
+    """
+    from cheers.data.records import RecordError, parse_record
 
-def check_record(record: Any) -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise CorruptSample("bad_record", f"a record must be a JSON object, got {type(record).__name__}")
-    conversations = record.get("conversations")
-    if not isinstance(conversations, list) or not conversations:
-        raise CorruptSample("bad_record", f"record {record.get('id')!r} has no 'conversations' list")
-    return record
+    try:
+        parsed = parse_record(record, None, check_images=False, where=where)
+    except RecordError as err:
+        raise CorruptSample("bad_record", str(err)) from None
+    return [str(p) for p in parsed.images]
 
 
 def open_image(data_or_path: Any, what: str) -> Image.Image:
@@ -147,11 +138,13 @@ class JsonlSource:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CorruptSample("bad_record", f"{self.path} record {index}: {err}") from None
-        return check_record(record)
+        check_record(record, f"{self.path} record {index}")
+        return record
 
     def load(self, index: int) -> tuple[dict[str, Any], list[Any]]:
         record = self.read_record(index)
-        images = [open_image(self.image_root / p, f"{self.name}[{index}] {p}") for p in image_paths(record)]
+        paths = check_record(record, f"{self.path} record {index}")
+        images = [open_image(self.image_root / p, f"{self.name}[{index}] {p}") for p in paths]
         return record, images
 
     def epoch_order(self, epoch: int, seed: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 =====  =====================  =====================================  =======  ===========  =====================
 Stage  Name                   Trainable groups                       LR       Schedule     Mixture
 =====  =====================  =====================================  =======  ===========  =====================
-0      VAE (ShapesWorld only) vae encoder/decoder, then bn.fit       1e-4     constant     images
+0      VAE (ShapesWorld only) vae encoder/decoder, then bn.fit       2e-4     constant     images
 I      alignment              und_projector, flow_head, hfi_gate     1e-4     constant     und : gen = 1 : 1
 II     general pre-training   all groups but ``vae``                 1e-4     constant     und : gen : text = 3:6:1
 III    refined pre-training   all groups but ``vae``                 4e-5     constant     und : gen : text = 3:6:1

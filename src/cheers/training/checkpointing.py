@@ -1,0 +1,248 @@
+"""Training checkpoints: written atomically, resumed exactly, exported in the release layout.
+
+Layout of ``<run>/checkpoints``::
+
+    latest                    {"step": 6, "dir": "step-00000006"}   (written atomically, last)
+    step-00000006/
+        trainer_state.json    step, data position and corrupt counts, scheduler, format, strategy, world size
+        model.safetensors     one process / DDP: every tensor, release names (sharded above max_shard_size)
+        optimizer.pt          one process / DDP: the optimizer state (tensors and numbers; loaded weights_only)
+        dcp/                  FSDP2: model + optimizer, sharded (torch.distributed.checkpoint)
+        rng/rank-00000.pt     python, numpy, torch (and CUDA) generator states of every process
+
+A checkpoint is assembled in ``.tmp-step-...`` and renamed into place only when complete; the previous one
+stays until then, so a crash mid-save leaves the last good checkpoint and ``latest`` untouched. The data
+position needs no state of its own beyond the step: every sample is a function of (seed, position).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cheers import checkpoint as ckpt
+from cheers.models.cheers import Cheers
+from cheers.models.pretrained import _materialize_nonpersistent, resolve_dtype, save_pretrained
+from cheers.training.distributed import DistInfo, barrier, unwrap
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "cheers-train-1"
+LATEST = "latest"
+STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# random generator states
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global generator's state, as tensors and numbers (loadable with ``weights_only=True``)."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": (version, list(state), gauss),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# save
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, trainer_state: dict[str, Any], info: DistInfo, keep: int = 2,
+                    max_shard_size: str = "5GB") -> Path:
+    """Write the checkpoint of ``step`` (collective under FSDP: every process calls it). Returns its path."""
+    root = checkpoints_dir(run_dir)
+    final = root / step_name(step)
+    tmp = root / f".tmp-{step_name(step)}"
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save
+        (tmp / "rng").mkdir(parents=True)
+    barrier(info)
+    try:
+        if info.strategy == "fsdp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(module, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        elif info.is_main:
+            ckpt.save_state_dict(unwrap(module).state_dict(), tmp, max_shard_size=max_shard_size)
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            _fsync(tmp / OPTIMIZER)
+        rng_file = tmp / "rng" / f"rank-{info.rank:05d}.pt"
+        torch.save(capture_rng(), rng_file)
+        _fsync(rng_file)
+        barrier(info)
+        if info.is_main:
+            state = {"format": FORMAT, "step": step, "strategy": info.strategy, "world_size": info.world_size,
+                     "scheduler": scheduler.state_dict(), **trainer_state}
+            ckpt.atomic_write_json(tmp / STATE, state)
+            _publish(tmp, final)
+            ckpt.atomic_write_json(root / LATEST, {"step": step, "dir": final.name})
+            _prune(root, keep)
+            logger.info("saved checkpoint %s", final)
+    except BaseException:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier(info)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temp dir into place (an older checkpoint of the same step is replaced)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    ckpt._fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[: max(0, len(steps) - max(keep, 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+        logger.info("removed old checkpoint %s", old)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# load
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` points to, or None when the run has none."""
+    pointer = checkpoints_dir(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    target = checkpoints_dir(run_dir) / json.loads(pointer.read_text())["dir"]
+    if not (target / STATE).is_file():
+        raise ckpt.CheckpointError(f"{pointer} points to {target}, which is not a complete checkpoint")
+    return target
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    state = json.loads((Path(path) / STATE).read_text())
+    if state.get("format") != FORMAT:
+        raise ckpt.CheckpointError(f"{path}: format {state.get('format')!r} is not {FORMAT!r}")
+    return state
+
+
+def model_from_state(config, special, state: dict[str, torch.Tensor]) -> Cheers:
+    """A Cheers model whose every tensor is ``state``'s (built on the meta device: no second copy, no init)."""
+    with torch.device("meta"):
+        model = Cheers(config, special=special)
+    _materialize_nonpersistent(model, torch.device("cpu"))
+    ckpt.load_into(model, state, strict=True, assign=True)
+    model.tie_weights()
+    return model
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model tensors of a one-process / DDP checkpoint."""
+    return ckpt.load_state_dict(path)
+
+
+def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
+    """Weights of a one-process / DDP checkpoint into an unwrapped model, strictly (before wrapping)."""
+    ckpt.load_into(model, load_state(path), strict=True)
+
+
+def load_checkpoint(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    info: DistInfo) -> dict[str, Any]:
+    """Restore optimizer, scheduler and generators (and, under FSDP2, the model) of a checkpoint.
+
+    One process / DDP: call :func:`load_model_weights` on the unwrapped model first. Returns the trainer state.
+    """
+    path = Path(path)
+    state = read_trainer_state(path)
+    if state["strategy"] != info.strategy and "fsdp" in (state["strategy"], info.strategy):
+        raise ckpt.CheckpointError(f"{path} was written with strategy {state['strategy']!r}; this run uses "
+                                   f"{info.strategy!r} (FSDP checkpoints are sharded: resume with fsdp)")
+    if info.strategy == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(module, optimizer)
+        loaded = {"model": model_sd, "optim": optim_sd}
+        dcp.load(loaded, checkpoint_id=str(path / "dcp"))
+        set_state_dict(module, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    else:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location=info.device, weights_only=True))
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / "rng" / f"rank-{info.rank:05d}.pt"
+    if rng_file.is_file():
+        restore_rng(torch.load(rng_file, weights_only=True))
+    else:
+        logger.warning("%s has no generator state for rank %d (world size changed?)", path, info.rank)
+    logger.info("resumed from %s at step %d", path, state["step"])
+    return state
+
+
+# ------------------------------------------------------------------------------------------------------------
+# export
+
+
+def export_release(module: nn.Module, info: DistInfo, directory: str | os.PathLike, dtype: str | None = None,
+                   max_shard_size: str = "5GB") -> Path | None:
+    """Write the trained model in the release layout (collective under FSDP2; rank 0 writes)."""
+    directory = Path(directory)
+    model = unwrap(module)
+    if info.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if info.is_main:
+            plain = model_from_state(model.config, model.special, full)
+            save_pretrained(plain, directory, max_shard_size=max_shard_size,
+                            dtype=resolve_dtype(dtype) if dtype else None)
+    elif info.is_main:
+        save_pretrained(model, directory, max_shard_size=max_shard_size, dtype=resolve_dtype(dtype) if dtype else None)
+    barrier(info)
+    if info.is_main:
+        logger.info("exported the model to %s", directory)
+    return directory if info.is_main else None

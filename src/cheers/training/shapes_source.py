@@ -1,0 +1,79 @@
+"""ShapesWorld as a training source, and the ShapesWorld processor: thin adapters over :mod:`cheers.data.shapes`.
+
+``ShapesDataset`` items are release records with their images in memory (``"images"``); item ``i`` is a pure
+function of its seed, which is what the data pipeline needs for exact resumption.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from cheers.training.sources import _stable_hash, permutation
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("understanding", "generation", "editing", "text")
+
+
+class ShapesSource:
+    """ShapesWorld records for training.
+
+    Args:
+        task: ``understanding``, ``generation``, ``editing``, ``text`` (every item of that kind) or ``mixed``
+            (the kind drawn per seed by the ShapesWorld ``Mix``; weights in ``options["mix"]``).
+        size: items per epoch: seeds ``first_seed .. first_seed + size - 1`` of the split.
+        first_seed: offset into the split (``seed`` in the recipe); sources with different tasks may share it.
+        resolution: rendered image side (a multiple of 64); the processor resizes to the model's size.
+        name: the source's name in the mixture.
+        options: ``split`` (train | val | test), ``mix`` (dict of Mix weights), ``world`` (WorldConfig fields).
+    """
+
+    def __init__(self, task: str = "mixed", size: int = 100_000, first_seed: int = 0, resolution: int = 128,
+                 name: str = "shapes", options: dict[str, Any] | None = None) -> None:
+        from cheers.data.shapes import Mix, ShapesDataset, WorldConfig, split_seeds
+
+        if task not in (*KINDS, "mixed"):
+            raise ValueError(f"unknown ShapesWorld task {task!r}; choose one of {(*KINDS, 'mixed')}")
+        options = dict(options or {})
+        split = split_seeds(options.pop("split", "train"))
+        mix = Mix(**options.pop("mix", {}))
+        world = WorldConfig(**options.pop("world", {}))
+        if options:
+            raise ValueError(f"source {name!r}: unknown ShapesWorld options {sorted(options)}; known: split, mix, world")
+        if first_seed + size > len(split):
+            raise ValueError(f"source {name!r}: seeds {first_seed}..{first_seed + size} exceed the split")
+        self.name, self.task, self.size = name, task, int(size)
+        self.dataset = ShapesDataset(split[first_seed:first_seed + size], resolution, mix, world,
+                                     kind=None if task == "mixed" else task)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def epoch_order(self, epoch: int, seed: int) -> np.ndarray:
+        return permutation(self.size, seed, epoch, _stable_hash(self.name))
+
+    def load(self, index: int) -> tuple[dict[str, Any], list[Any]]:
+        sample = dict(self.dataset[index])
+        images = sample.pop("images")
+        return sample, images
+
+
+def build_shapes_processor(image_size: int, patch_size: int, model_vocab: int):
+    """The ShapesWorld tokenizer (trained in a temporary folder; deterministic) wrapped in a CheersProcessor.
+
+    The BPE vocabulary is capped so that it and the eight special tokens fit the model's embedding table.
+    """
+    from cheers.data.shapes import SPECIAL_TOKENS, build_shapes_tokenizer
+    from cheers.data.shapes.tokenizer import DEFAULT_VOCAB_SIZE
+    from cheers.processor import CheersProcessor
+
+    vocab = min(DEFAULT_VOCAB_SIZE, model_vocab - len(SPECIAL_TOKENS))
+    with tempfile.TemporaryDirectory(prefix="cheers-shapes-tokenizer-") as folder:
+        build_shapes_tokenizer(folder, vocab_size=vocab)
+        processor = CheersProcessor.from_pretrained(folder, image_size=image_size, patch_size=patch_size)
+    logger.info("built the ShapesWorld tokenizer: %d entries", len(processor.tokenizer))
+    return processor

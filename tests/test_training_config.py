@@ -1,0 +1,97 @@
+"""Recipes: strict loading, overrides, the packaged stage recipes against the paper, trainable groups."""
+
+from __future__ import annotations
+
+import pytest
+
+from cheers.training.config import (
+    RecipeError,
+    load_recipe,
+    packaged_recipes,
+    parse_override,
+    recipe_from_dict,
+)
+from cheers.training.optim import lr_factor
+from cheers.training.stages import ALIGNMENT, PAPER_STAGES, deviations
+
+from model_helpers import tiny_model
+
+STAGE_FILES = {"I": "stage1", "II": "stage2", "III": "stage3", "IV": "stage4"}
+
+
+def test_packaged_recipes_load_and_follow_the_paper():
+    assert {"stage0_vae", "stage1", "stage2", "stage3", "stage4", "tiny-shapes"} <= set(packaged_recipes())
+    for stage, name in STAGE_FILES.items():
+        recipe = load_recipe(name)
+        assert recipe.stage == stage
+        assert deviations(recipe) == [], (name, deviations(recipe))
+        preset = PAPER_STAGES[stage]
+        assert (recipe.train.lr, recipe.train.schedule) == (preset.lr, preset.schedule)
+        assert recipe.train.warmup_ratio == 0.02 and recipe.train.grad_clip == 1.0
+        assert recipe.train.flow_loss_weight == 1.0 and recipe.data.cfg_dropout == 0.2
+    assert [PAPER_STAGES[s].lr for s in ("I", "II", "III", "IV")] == [1e-4, 1e-4, 4e-5, 2e-5]
+    assert load_recipe("stage0_vae").stage == "0"
+    assert load_recipe("tiny-shapes").data.processor == "shapes"
+
+
+def test_unknown_keys_raise_with_their_path(tmp_path):
+    with pytest.raises(RecipeError, match=r"train\.lrr"):
+        load_recipe("stage1", ["train.lrr=1"])
+    with pytest.raises(RecipeError, match=r"data\.sources\.0\.colour"):
+        load_recipe("stage2", ["data.sources.0.colour=red"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: I\nengine:\n  stratgy: fsdp\n")
+    with pytest.raises(RecipeError, match=r"engine\.stratgy"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="no recipe file"):
+        load_recipe("no-such-recipe")
+
+
+def test_values_are_checked_and_coerced():
+    recipe = load_recipe("stage1", ["train.lr=2e-5", "train.steps=7", "data.sources.1.ratio=3",
+                                    "train.trainable=[llm,flow_head]", "engine.gradient_checkpointing=true"])
+    assert recipe.train.lr == 2e-5 and isinstance(recipe.train.lr, float)  # YAML 1.1 reads 2e-5 as a string
+    assert recipe.train.steps == 7 and recipe.data.sources[1].ratio == 3
+    assert recipe.train.trainable == ["llm", "flow_head"] and recipe.engine.gradient_checkpointing is True
+    for override, message in [("train.steps=many", r"train\.steps"), ("train.steps=2.5", "whole number"),
+                              ("engine.strategy=zero3", "engine.strategy"), ("train.schedule=linear", "schedule"),
+                              ("train.global_batch=3", "multiple"), ("data.sources.5.ratio=1", "out of range"),
+                              ("engine.gradient_checkpointing=maybe", "true or false"), ("stage=V", "stage")]:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe("stage1", [override])
+    with pytest.raises(RecipeError, match="key.path=value"):
+        parse_override("train.lr")
+    with pytest.raises(RecipeError, match="from_release"):
+        recipe_from_dict({"init": {"from_release": "a", "llm": "b"}})
+
+
+def test_stage_one_trains_exactly_the_alignment_groups():
+    recipe = load_recipe("stage1")
+    assert sorted(recipe.train.trainable) == sorted(ALIGNMENT) == ["flow_head", "hfi_gate", "und_projector"]
+    model = tiny_model()
+    counts = model.set_trainable(recipe.train.trainable)
+    assert {g for g, n in counts.items() if n} == set(ALIGNMENT)
+    prefixes = tuple(p for g in ALIGNMENT for p in model.PARAMETER_GROUPS[g])
+    for name, p in model.named_parameters():
+        assert p.requires_grad == name.startswith(prefixes), name
+    for stage in ("II", "III", "IV"):
+        assert "vae" not in PAPER_STAGES[stage].trainable
+        assert set(PAPER_STAGES[stage].trainable) == set(model.PARAMETER_GROUPS) - {"vae"}
+    with pytest.raises(ValueError, match="unknown parameter group"):
+        model.set_trainable(["llm", "flux"])
+
+
+def test_deviations_name_what_differs():
+    recipe = load_recipe("stage2", ["train.lr=3e-4", "data.sources.2.ratio=5"])
+    found = " ".join(deviations(recipe))
+    assert "train.lr" in found and "mixture" in found
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    total = 100
+    warm = [lr_factor(s, total, 0.02, "constant") for s in range(4)]
+    assert warm[:2] == [1 / 3, 2 / 3] and warm[2:] == [1.0, 1.0]
+    cosine = [lr_factor(s, total, 0.02, "cosine") for s in range(total)]
+    assert cosine[2] == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
+    assert lr_factor(99, total, 0.0, "cosine", min_ratio=0.1) == pytest.approx(0.1)
