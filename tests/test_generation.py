@@ -28,7 +28,7 @@ def understanding_prompt(words):
 
 
 def test_kv_cached_decoding_equals_uncached(model):
-    ids, image = understanding_prompt([40, 41, 42]), torch.rand(1, 3, 128, 128)
+    ids, image = understanding_prompt([40, 41, 42]), torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         out = generate(model, ids, None, image, max_length=5)
         tokens = out.sequences[0]

@@ -94,7 +94,8 @@ def test_parts_are_checked_strictly(tmp_path):
 
 def test_stage_zero_trains_the_vae_fits_statistics_and_seeds_the_pixel_decoder(tmp_path):
     recipe = load_recipe("stage0_vae", {
-        "model.overrides": {"vision.image_size": SIZE}, "data.sources.0.size": 32, "data.num_workers": 0,
+        "model.preset": "tiny", "model.overrides": {"vision.image_size": SIZE}, "data.sources.0.size": 32,
+        "data.num_workers": 0,
         "train.steps": 3, "train.micro_batch": 2, "train.global_batch": 4, "vae.fit_samples": 6,
         "checkpoint.every": 0, "log.every": 1, "log.progress": False, "log.tensorboard": False,
         "engine.device": "cpu", "out": str(tmp_path / "run")})

@@ -376,7 +376,22 @@ def _tiny() -> CheersConfig:
     )
 
 
-PRESETS = {"official": _official, "small": _small, "tiny": _tiny}
+def _tiny_shapes() -> CheersConfig:
+    """The bundled ShapesWorld model: 64 px images (4x4 latent grid, 4 LLM tokens), a 4-layer 128-wide LLM."""
+    vae = dict(resolution=64, ch=32, num_res_blocks=1, z_channels=8)
+    return CheersConfig(
+        vae_encoder=VAEEncoderConfig(**vae, ch_mult=(1, 2, 2, 2)),
+        vae_decoder=VAEDecoderConfig(**vae, ch_mult=(1, 1, 2, 2)),
+        vision=VisionConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=6,
+                            image_size=64, patch_size=16),
+        text=TextConfig(vocab_size=672, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                        sliding_window=None, max_position_embeddings=2048),
+        options=CheersOptions(max_sequence_length=512),
+    )
+
+
+PRESETS = {"official": _official, "small": _small, "tiny": _tiny, "tiny-shapes": _tiny_shapes}
 
 
 def preset(name: str) -> CheersConfig:
