@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     for module, adder in (("cheers.data.shapes.cli", "add_shapes_parser"), ("cheers.training.cli", "add_train_parser"),
-                          ("cheers.web", "add_web_parser")):
+                          ("cheers.web", "add_web_parser"), ("cheers.eval.cli", "add_eval_parser"),
+                          ("cheers.eval.cli", "add_plot_parser")):
         try:
             mod = __import__(module, fromlist=[adder])
         except ImportError:

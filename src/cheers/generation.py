@@ -153,11 +153,13 @@ def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
 def randn_rows(shape: tuple[int, ...], generator: Generators, device: torch.device | str) -> torch.Tensor:
     """Standard normal (B, ...); with a list of generators row b is drawn from generator b alone, so a prompt
     gets the same noise in a batch as on its own."""
+    # drawn on the generator's own device, then moved: a CPU generator gives the same noise on any device
     if not isinstance(generator, list):
-        return torch.randn(shape, generator=generator, device=device)
+        where = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=where).to(device)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
 
 
 @torch.no_grad()

@@ -42,6 +42,17 @@ class SamplingDefaults:
     shift: float = 0.5  # the release's alpha: < 1 spends more steps near the noise end
     edit_num_inference_steps: int = 50
     edit_guidance_scale: float = 3.0
+    # how a text-to-image prompt is put to the model: ``{prompt}`` as given, or ``{sentence}`` (capitalised,
+    # with a full stop), e.g. "{sentence}\nBased on the above description, generate an image."
+    prompt_template: str = "{prompt}"
+
+
+def format_prompt(template: str, prompt: str) -> str:
+    """Apply a prompt template (``{prompt}``: the text as given; ``{sentence}``: capitalised, full stop)."""
+    text = prompt.strip()
+    sentence = text[:1].upper() + text[1:]
+    sentence = sentence if sentence.endswith((".", "!", "?")) else sentence + "."
+    return template.format(prompt=prompt, sentence=sentence)
 
 
 @dataclass
@@ -160,15 +171,17 @@ class CheersPipeline:
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} images")
         # 2. encode prompts (the release's chat template, then <im_start>)
-        inputs = self._encode([[{"role": "user", "content": p}] for p in expanded], "generate", prefix_image,
-                              generator)
+        template = self.defaults.prompt_template
+        inputs = self._encode([[{"role": "user", "content": format_prompt(template, p)}] for p in expanded],
+                              "generate", prefix_image, generator)
         uncond = None
         if negative_prompt is not None:
             negs = self._prompt_list(negative_prompt, "negative_prompt")
             negs = negs * len(prompts) if len(negs) == 1 else negs
             if len(negs) != len(prompts):
                 raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-            uncond = self._encode([[{"role": "user", "content": p}] for p in negs for _ in range(num_images_per_prompt)],
+            uncond = self._encode([[{"role": "user", "content": format_prompt(template, p)}]
+                                   for p in negs for _ in range(num_images_per_prompt)],
                                   "generate", prefix_image, generator)
         # 3. prepare latents
         if latents is not None:

@@ -1,0 +1,304 @@
+"""`cheers eval {geneval,dpg,shapes}` and `cheers plot {curves,hfi}`: thin shells over the eval package.
+
+The main CLI calls ``add_eval_parser(subparsers)`` and ``add_plot_parser(subparsers)``; every command is a
+function of the parsed namespace returning an exit code, and only these functions print. Multi-GPU:
+``torchrun --nproc_per_node 8 -m cheers.cli eval geneval --model M --out DIR`` (each process takes its
+share of the prompts and the GPU ``LOCAL_RANK``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="default", help="checkpoint directory or hub id (default: the bundled model)"
+    )
+    p.add_argument(
+        "--device", default="auto", help="cpu | cuda | mps | auto (under torchrun: cuda:LOCAL_RANK)"
+    )
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _sampling_args(p: argparse.ArgumentParser, num_images: int = 4) -> None:
+    p.add_argument(
+        "--num-images", type=int, default=num_images, help=f"images per prompt (default {num_images})"
+    )
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)"
+    )
+    p.add_argument(
+        "--shift", type=float, default=None, help="the release's time-shift alpha (default: the model's)"
+    )
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument(
+        "--seed", type=int, default=0, help="base seed: image k of prompt i uses seed + 1000 i + k"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="images per model call (speed only)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument(
+        "--template",
+        default="{prompt}",
+        help="str.format pattern around each prompt: {prompt} as written, {sentence} capitalised with "
+        "a full stop (default: the prompt alone)",
+    )
+
+
+def _settings(args: argparse.Namespace):
+    from .runner import SamplingSettings
+
+    return SamplingSettings(
+        num_images=args.num_images,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        shift=args.shift,
+        height=args.height,
+        width=args.width,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        prompt_template=args.template,
+        batch_size=args.batch_size,
+    )
+
+
+def _pipeline(args: argparse.Namespace):
+    from cheers.pipeline import CheersPipeline
+
+    from .runner import rank_device
+
+    device = rank_device(args.device)
+    return CheersPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, progress=False)
+
+
+def _print_summary(name: str, summary, unit: str) -> None:
+    print(
+        f"{name}: {summary.generated} {unit} generated, {summary.skipped} already done "
+        f"({summary.owned} for this process) in {summary.seconds:.1f}s -> {summary.outdir}"
+    )
+
+
+def cmd_geneval(args: argparse.Namespace) -> int:
+    from .geneval import run_geneval
+    from .runner import Shard, model_identity
+
+    settings = _settings(args)  # bad settings fail before the model loads
+    shard = Shard.from_env()
+    summary = run_geneval(
+        _pipeline(args),
+        args.out,
+        args.prompts,
+        settings,
+        model_name=model_identity(args.model),
+        shard=shard,
+        limit=args.limit,
+        progress=not args.quiet,
+    )
+    _print_summary("geneval", summary, "prompts")
+    if shard.is_main:
+        print(
+            "score with GenEval: python evaluation/evaluate_images.py "
+            f"{args.out} --outfile results.jsonl --model-path <detector dir>; "
+            "then python evaluation/summary_scores.py results.jsonl "
+            "(ShapesWorld prompt files: cheers shapes judge DIR)"
+        )
+    return 0
+
+
+def cmd_dpg(args: argparse.Namespace) -> int:
+    from .dpg import run_dpg
+    from .runner import Shard, model_identity
+
+    settings = _settings(args)
+    summary = run_dpg(
+        _pipeline(args),
+        args.out,
+        args.prompts,
+        settings,
+        model_name=model_identity(args.model),
+        shard=Shard.from_env(),
+        limit=args.limit,
+        progress=not args.quiet,
+    )
+    _print_summary("dpg", summary, "grids")
+    return 0
+
+
+def cmd_shapes(args: argparse.Namespace) -> int:
+    from .runner import model_identity
+    from .shapes_bench import ShapesBenchConfig, run_shapes_bench
+
+    cfg = ShapesBenchConfig(
+        n=args.n,
+        tasks=tuple(t for t in args.tasks.split(",") if t),
+        dense=args.dense,
+        num_images=args.num_images,
+        steps=args.steps,
+        guidance=args.guidance,
+        edit_steps=args.edit_steps,
+        edit_guidance=args.edit_guidance,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    report = run_shapes_bench(
+        _pipeline(args), args.out, cfg, model_name=model_identity(args.model), progress=not args.quiet
+    )
+    out = Path(args.out)
+    if "geneval" in report:
+        print(
+            f"ShapesGenEval overall {report['geneval']['summary']['overall']:.4f}, "
+            f"hf fidelity {report['geneval']['hf_fidelity']:.3f}"
+        )
+    if "vqa" in report:
+        r = report["vqa"]["report"]
+        print(
+            f"ShapesVQA overall {r['overall']:.4f} (yes/no F1 {r['yes_no_f1']:.4f}, OCR {r['ocr_accuracy']:.4f})"
+        )
+    if "edit" in report:
+        print(f"ShapesEdit correct {report['edit']['summary']['correct']:.4f}")
+    print(f"wrote {out / 'shapes_bench.json'}, {out / 'report.md'} and the contact sheets")
+    return 0
+
+
+def cmd_plot_curves(args: argparse.Namespace) -> int:
+    from .plots import plot_curves
+
+    keys = [k for k in (args.keys or "").split(",") if k]
+    labels = args.labels.split(",") if args.labels else None
+    print(plot_curves(args.runs, args.out, keys or None, labels, smooth=args.smooth, title=args.title))
+    return 0
+
+
+def cmd_plot_hfi(args: argparse.Namespace) -> int:
+    import torch
+
+    from .plots import plot_hfi
+
+    if args.maps:
+        loaded = torch.load(args.maps, map_location="cpu", weights_only=True)
+        maps = list(loaded) if isinstance(loaded, (list, tuple)) or loaded.ndim == 4 else [loaded]
+    else:
+        if not args.prompt:
+            raise ValueError("give --prompt (one or more) to generate, or --maps FILE to plot saved maps")
+        from .runner import seeded_noise
+
+        pipe = _pipeline(args)
+        generators, latents = seeded_noise(pipe, [args.seed + i for i in range(len(args.prompt))])
+        out = pipe.generate(
+            args.prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=generators,
+            latents=latents,
+            return_hfi_maps=True,
+            output_type="latent",
+        )
+        maps = out.hfi_maps
+        if args.save_maps:
+            torch.save([m.cpu() for m in maps], args.save_maps)
+            print(f"saved the gate maps to {args.save_maps}")
+    print(plot_hfi(maps, args.out, title=args.title))
+    return 0
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``eval {geneval,dpg,shapes}`` on an argparse subparsers object; returns the parser."""
+    p = subparsers.add_parser(
+        "eval", help="benchmarks: GenEval, DPG-Bench (images for their scorers), ShapesBench"
+    )
+    sub = p.add_subparsers(dest="eval_command", required=True)
+
+    g = sub.add_parser(
+        "geneval", help="GenEval images (<out>/<i>/samples/<k>.png), sharded over RANK/WORLD_SIZE"
+    )
+    g.add_argument("--out", required=True, help="run folder (a rerun resumes it)")
+    g.add_argument(
+        "--prompts", default="short", help="short | long (rewritten prompts) | a metadata jsonl path"
+    )
+    _sampling_args(g)
+    _model_args(g)
+    g.set_defaults(func=cmd_geneval)
+
+    d = sub.add_parser("dpg", help="DPG-Bench grids (<out>/<name>.png, 2x2), sharded over RANK/WORLD_SIZE")
+    d.add_argument("--out", required=True, help="run folder (a rerun resumes it)")
+    d.add_argument(
+        "--prompts", default=None, help="folder of DPG *.txt prompt files (default: the bundled 1065)"
+    )
+    _sampling_args(d)
+    _model_args(d)
+    d.set_defaults(func=cmd_dpg)
+
+    s = sub.add_parser("shapes", help="ShapesBench: ShapesGenEval, ShapesVQA (incl. OCR, POPE), ShapesEdit")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=10, help="prompts per tag / VQA scenes / edits (default 10)")
+    s.add_argument("--tasks", default="geneval,vqa,edit", help="comma-separated subset of geneval,vqa,edit")
+    s.add_argument("--dense", action="store_true", help="add dense (DPG-like) prompts to ShapesGenEval")
+    s.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--edit-steps", type=int, default=None)
+    s.add_argument("--edit-guidance", type=float, default=None)
+    s.add_argument("--max-new-tokens", type=int, default=16, help="VQA answer length (default 16)")
+    s.add_argument("--seed", type=int, default=0)
+    _model_args(s)
+    s.set_defaults(func=cmd_shapes)
+    return p
+
+
+def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``plot {curves,hfi}`` on an argparse subparsers object; returns the parser."""
+    p = subparsers.add_parser(
+        "plot", help="figures: scores over training steps, HFI gate over denoising steps"
+    )
+    sub = p.add_subparsers(dest="plot_command", required=True)
+
+    c = sub.add_parser("curves", help="score-vs-step curves from runs' metrics.jsonl (paper Fig. 4)")
+    c.add_argument("runs", nargs="+", help="run directories or metrics.jsonl files")
+    c.add_argument("--keys", default=None, help="comma-separated metric names (default: the score-like ones)")
+    c.add_argument("--labels", default=None, help="comma-separated legend names, one per run")
+    c.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for noisy curves")
+    c.add_argument("--title", default=None)
+    c.add_argument("--out", default="curves.png")
+    c.set_defaults(func=cmd_plot_curves)
+
+    h = sub.add_parser(
+        "hfi", help="HFI gate intensity per denoising step plus a heatmap strip (paper Fig. 5)"
+    )
+    h.add_argument("--prompt", action="append", help="a prompt to generate (repeat for several)")
+    h.add_argument("--maps", default=None, help="plot saved maps (torch.save of a list of (S, h, w) tensors)")
+    h.add_argument("--save-maps", default=None, help="also save the generated maps here")
+    h.add_argument("--steps", type=int, default=None)
+    h.add_argument("--guidance", type=float, default=None)
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--title", default=None)
+    h.add_argument("--out", default="hfi.png")
+    _model_args(h)
+    h.set_defaults(func=cmd_plot_hfi)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m cheers.eval.cli eval geneval ...``), mirroring ``cheers``."""
+    import logging
+
+    parser = argparse.ArgumentParser(prog="cheers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    add_plot_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"cheers: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Plots: score-vs-step curves from metrics.jsonl and the HFI gate intensity figure."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cheers.eval.plots import ema, hfi_intensity, plot_curves, plot_hfi, read_metrics, score_keys, series
+from cheers.pipeline import CheersPipeline
+from cheers.processor import CheersProcessor
+
+from model_helpers import tiny_model
+from tiny_tokenizer import make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Tiny models run fastest on one thread, and a shared CPU is not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_run(directory, scores, partial_tail=True):
+    directory.mkdir(parents=True)
+    lines = []
+    for step in range(1, 41):
+        lines.append(json.dumps({"step": step, "loss": 3.0 / step, "lr": 1e-4}))
+        if step in scores:
+            lines.append(
+                json.dumps(
+                    {"step": step, "shapes_geneval": scores[step], "shapes_accuracy": scores[step] / 2}
+                )
+            )
+    text = "\n".join(lines) + "\n" + ('{"step": 41, "loss"' if partial_tail else "")  # a run being written
+    (directory / "metrics.jsonl").write_text(text)
+    return directory
+
+
+def test_curves_from_metrics_jsonl(tmp_path):
+    a = write_run(tmp_path / "with_hfi", {10: 0.2, 20: 0.5, 30: 0.7, 40: 0.8})
+    b = write_run(tmp_path / "without_hfi", {10: 0.1, 20: 0.3, 30: 0.4, 40: 0.45})
+    records = read_metrics(a)
+    assert len(records) == 44 and score_keys(records) == ["shapes_geneval", "shapes_accuracy"]
+    steps, values = series(records, "shapes_geneval")
+    assert steps.tolist() == [10, 20, 30, 40] and values.tolist() == [0.2, 0.5, 0.7, 0.8]
+    out = plot_curves([a, b / "metrics.jsonl"], tmp_path / "fig" / "curves.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 400
+    plot_curves([a], tmp_path / "loss.png", keys=["loss"], smooth=0.6)
+    with pytest.raises(ValueError, match="none of the keys"):
+        plot_curves([a], tmp_path / "x.png", keys=["mmbench"])
+    with pytest.raises(FileNotFoundError):
+        read_metrics(tmp_path / "nothing")
+
+
+def test_ema_is_debiased_and_checked():
+    assert np.allclose(ema(np.array([2.0, 2.0, 2.0]), 0.9), 2.0)
+    assert np.array_equal(ema(np.array([1.0, 5.0]), 0.0), [1.0, 5.0])
+    with pytest.raises(ValueError):
+        ema(np.ones(3), 1.0)
+
+
+def test_hfi_plot_from_pipeline_maps(tmp_path):
+    processor = CheersProcessor(make_tiny_tokenizer(), image_size=128, patch_size=16)
+    model = tiny_model(seed=5)
+    model.special = processor.special
+    pipe = CheersPipeline(model, processor, progress=False)
+    out = pipe.generate(
+        ["a red circle", "two blue squares"],
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+        return_hfi_maps=True,
+        output_type="latent",
+    )
+    intensity = hfi_intensity(out.hfi_maps)
+    assert intensity.shape == (2, 2)
+    assert np.allclose(intensity[1, 1], out.hfi_maps[1][1].mean().item())
+    path = plot_hfi(out.hfi_maps, tmp_path / "hfi.png", title="tiny")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.height > 300
+    with pytest.raises(ValueError, match="no HFI maps"):
+        hfi_intensity([])
+    with pytest.raises(ValueError, match="one S"):
+        hfi_intensity([torch.zeros(3, 4, 4), torch.zeros(2, 4, 4)])
