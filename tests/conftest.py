@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """After the run, list the largest parity error of every reference tensor that was compared."""
@@ -15,3 +18,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if config.getoption("verbose") > 0:
             for key, err in sorted(MAX_ERRORS.items()):
                 terminalreporter.write_line(f"{key:60s} {err:.2e}")
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Tiny models run fastest on one thread, and a shared CPU is not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

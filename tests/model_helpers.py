@@ -35,3 +35,25 @@ def t2i_prompt(words: list[int], special: SpecialTokens = TINY_SPECIAL) -> torch
     ids = [s.chat_start, 101, s.newline, 7, 8, s.chat_end, s.newline, s.chat_start, 102, s.newline, *words,
            s.chat_end, s.newline, s.chat_start, 103, s.newline, s.im_start]
     return torch.tensor([ids])
+
+
+def tiny_pipeline(seed: int = 5):
+    """A CheersPipeline over a tiny random model and the tiny test tokenizer (128 px)."""
+    from cheers.pipeline import CheersPipeline
+    from cheers.processor import CheersProcessor
+
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    processor = CheersProcessor(make_tiny_tokenizer(), image_size=128, patch_size=16)
+    model = tiny_model(seed=seed)
+    model.special = processor.special
+    return CheersPipeline(model, processor, progress=False)
+
+
+def save_pipeline(pipe, directory):
+    """Write a pipeline's model and processor as a loadable release-layout directory."""
+    from cheers.models.pretrained import save_pretrained
+
+    save_pretrained(pipe.model, directory)
+    pipe.processor.save_pretrained(directory)
+    return directory

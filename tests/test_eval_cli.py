@@ -6,7 +6,6 @@ import argparse
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from cheers.eval.cli import add_eval_parser, add_plot_parser, main
@@ -19,13 +18,7 @@ from tiny_tokenizer import make_tiny_tokenizer
 FAST = ["--steps", "1", "--guidance", "1.0", "--num-images", "1", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny models run fastest on one thread, and a shared CPU is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,23 +18,14 @@ from PIL import Image
 from cheers.eval.geneval import load_metadata, run_geneval, run_status, sample_path
 from cheers.eval.prompts import geneval_object_names
 from cheers.eval.runner import SamplingSettings, Shard, image_seed, seeded_images
-from cheers.pipeline import CheersPipeline
-from cheers.processor import CheersProcessor
 
-from model_helpers import tiny_model
-from tiny_tokenizer import make_tiny_tokenizer
+from model_helpers import tiny_pipeline
 
 N_PROMPTS, N_IMAGES = 3, 2
 FAST = dict(num_images=N_IMAGES, num_inference_steps=1, guidance_scale=1.0, batch_size=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny models run fastest on one thread, and a shared CPU is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 class Counting:
@@ -54,10 +45,7 @@ class Counting:
 
 @pytest.fixture(scope="module")
 def pipe():
-    processor = CheersProcessor(make_tiny_tokenizer(), image_size=128, patch_size=16)
-    model = tiny_model(seed=5)
-    model.special = processor.special
-    return CheersPipeline(model, processor, progress=False)
+    return tiny_pipeline(seed=5)
 
 
 def pixels(path):

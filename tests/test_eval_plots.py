@@ -16,14 +16,7 @@ from cheers.processor import CheersProcessor
 from model_helpers import tiny_model
 from tiny_tokenizer import make_tiny_tokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny models run fastest on one thread, and a shared CPU is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def write_run(directory, scores, partial_tail=True):

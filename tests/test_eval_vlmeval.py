@@ -7,34 +7,20 @@ import types
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cheers.eval.vlmeval import CheersVLM, main, register
 from cheers.image_ops import load_image
 from cheers.models.pretrained import save_pretrained
-from cheers.pipeline import CheersPipeline
-from cheers.processor import CheersProcessor
 
-from model_helpers import tiny_model
-from tiny_tokenizer import make_tiny_tokenizer
+from model_helpers import tiny_pipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny models run fastest on one thread, and a shared CPU is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    processor = CheersProcessor(make_tiny_tokenizer(), image_size=128, patch_size=16)
-    model = tiny_model(seed=5)
-    model.special = processor.special
-    return CheersPipeline(model, processor, progress=False)
+    return tiny_pipeline(seed=5)
 
 
 @pytest.fixture()

@@ -7,22 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from model_helpers import tiny_model
 from PIL import Image
-from tiny_tokenizer import make_tiny_tokenizer
 
 from cheers.cli import main
 from cheers.models.pretrained import save_pretrained
 from cheers.pipeline import CheersPipeline
-from cheers.processor import CheersProcessor
+
+from model_helpers import tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    processor = CheersProcessor(make_tiny_tokenizer(), image_size=128, patch_size=16)
-    model = tiny_model(seed=5)
-    model.special = processor.special
-    return CheersPipeline(model, processor, progress=False)
+    return tiny_pipeline(seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from cheers import processor as processor_module
 from cheers.processor import CheersProcessor
+
 from tiny_tokenizer import RELEASE_CHAT_TEMPLATE, make_tiny_tokenizer
 
 RELEASE_DIR = Path(os.environ.get("CHEERS_RELEASE_TOKENIZER_DIR", "/work/shared/reference/official"))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from model_helpers import t2i_prompt, tiny_model
 
 from cheers.generation import generate
 from cheers.reference_loop import release_style_sample
+
+from model_helpers import t2i_prompt, tiny_model
 
 
 def test_batched_guidance_equals_release_style_loop():

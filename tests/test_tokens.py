@@ -17,6 +17,7 @@ from cheers.tokens import (
     cfg_dropout_ids,
     unconditional_ids,
 )
+
 from tiny_tokenizer import CHEERS_TOKENS, make_tiny_tokenizer
 
 RELEASE_DIR = Path(os.environ.get("CHEERS_RELEASE_TOKENIZER_DIR", "/work/shared/reference/official"))
