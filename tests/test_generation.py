@@ -139,3 +139,13 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
     half = from_pretrained(tmp_path / "single", dtype="bfloat16")
     assert half.lm_head.weight.dtype == torch.bfloat16
     assert half.model.vae_model.bn.num_batches_tracked.dtype == torch.long
+
+
+def test_non_finite_velocity_names_the_step():
+    from cheers.sampling import euler_sample, schedule
+
+    def velocity(x, t, n):
+        return x * float("nan") if n == 2 else x
+
+    with pytest.raises(FloatingPointError, match="step 2"):
+        euler_sample(velocity, torch.ones(1, 4, 2, 2), schedule(5))

@@ -192,3 +192,27 @@ def test_too_many_corrupt_samples_stop_the_run(data, tmp_path):
     strict = tiny_recipe(root, files, **{"data.sources": sources, "train.steps": 2, "data.max_corrupt_fraction": 0.05})
     with pytest.raises(CorruptDataError, match="max_corrupt_fraction"):
         Trainer(strict, tmp_path / "strict", processor=tiny_processor()).run()
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypatch):
+    root, files = data
+    real = Cheers._training_losses
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Cheers, "_training_losses", poisoned)
+    bad_calls = {2}  # one poisoned micro-batch: its step is skipped, the run goes on
+    recipe = tiny_recipe(root, files, **{"train.steps": 4, "train.global_batch": 2, "train.micro_batch": 2, "train.max_nonfinite_steps": 2})
+    history = train(recipe, tmp_path / "a", processor=tiny_processor()).history
+    assert [h["skipped"] for h in history] == [0, 1, 0, 0]
+    assert all(math.isfinite(h["loss"]) for i, h in enumerate(history) if i != 1)
+    calls["n"], bad_calls = 0, set(range(1, 100))  # every step poisoned: stops after 2 skipped in a row
+    with pytest.raises(FloatingPointError, match="max_nonfinite_steps=2"):
+        train(tiny_recipe(root, files, **{"train.steps": 6, "train.global_batch": 2, "train.micro_batch": 2, "train.max_nonfinite_steps": 2}),
+              tmp_path / "b", processor=tiny_processor())

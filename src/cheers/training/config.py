@@ -109,6 +109,7 @@ class TrainSection:
     grad_clip: float = 1.0
     flow_loss_weight: float = 1.0  # lambda in L_AR + lambda * L_FM
     seed: int = 0
+    max_nonfinite_steps: int = 5  # consecutive NaN/inf steps (each skipped) before the run stops with an error
 
 
 @dataclass

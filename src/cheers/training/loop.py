@@ -253,7 +253,19 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(sums).all())
+        if finite:
+            optimizer.step()
+            self.nonfinite_run = 0
+        else:  # policy: skip the update (weights and optimizer state untouched), stop after too many in a row
+            self.nonfinite_run = getattr(self, "nonfinite_run", 0) + 1
+            self.nonfinite_total = getattr(self, "nonfinite_total", 0) + 1
+            logger.warning("non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
+                           sums.tolist(), float(grad_norm), self.nonfinite_run)
+            if self.nonfinite_run > t.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{self.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient (limit "
+                    f"train.max_nonfinite_steps={t.max_nonfinite_steps}); lower the learning rate or check the data")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         reduced = d.all_reduce_sum([*(sums / accumulation).tolist(), read, corrupt], info)
@@ -262,7 +274,7 @@ class Trainer:
         tracker.check(self.recipe.data.max_corrupt_fraction, self.recipe.data.corrupt_grace)  # same on every rank
         loss, text, flow = (v / info.world_size for v in reduced[:3])
         return {"loss": loss, "text_loss": text, "image_loss": flow, "lr": lr, "grad_norm": float(grad_norm),
-                "samples_per_s": t.global_batch / (time.perf_counter() - tic)}
+                "samples_per_s": t.global_batch / (time.perf_counter() - tic), "skipped": 0 if finite else 1}
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, **kwargs: Any) -> TrainResult:
     """Run a stage I-IV recipe (see :class:`Trainer` for the arguments)."""
