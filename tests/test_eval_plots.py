@@ -82,3 +82,14 @@ def test_hfi_plot_from_pipeline_maps(tmp_path):
         hfi_intensity([])
     with pytest.raises(ValueError, match="one S"):
         hfi_intensity([torch.zeros(3, 4, 4), torch.zeros(2, 4, 4)])
+
+
+def test_settings_grid_draws_one_picture_per_setting(tmp_path):
+    from model_helpers import tiny_pipeline
+    from PIL import Image
+
+    from cheers.eval.settings_grid import settings_grid
+
+    out = settings_grid(tiny_pipeline(), "two red circles", tmp_path / "grid.png", steps=(1, 2), guidance=(1.0, 2.0),
+                        shift=(1.0,))
+    assert Image.open(out).size[0] > 300

@@ -207,6 +207,13 @@ def cmd_plot_hfi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot_settings(args: argparse.Namespace) -> int:
+    from .settings_grid import settings_grid
+
+    print(settings_grid(_pipeline(args), args.prompt, args.out, seed=args.seed))
+    return 0
+
+
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``eval {geneval,dpg,shapes}`` on an argparse subparsers object; returns the parser."""
     p = subparsers.add_parser(
@@ -280,6 +287,13 @@ def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     h.add_argument("--out", default="hfi.png")
     _model_args(h)
     h.set_defaults(func=cmd_plot_hfi)
+
+    g = sub.add_parser("settings", help="one prompt and seed over a grid of steps, guidance and shift")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="settings.png")
+    _model_args(g)
+    g.set_defaults(func=cmd_plot_settings)
     return p
 
 
