@@ -289,6 +289,23 @@ class CheersPipeline:
         if errors:
             raise errors[0]
 
+    # -- speed options --------------------------------------------------------------------------------------
+    def optimize(self, *, channels_last: bool = True, compile_step: bool = False) -> CheersPipeline:
+        """Opt-in speed settings that keep the outputs within the parity tolerance.
+
+        Args:
+            channels_last: keep the VAE's convolutions in NHWC memory format (faster with oneDNN / cuDNN).
+            compile_step: ``torch.compile`` the tokenizer-side decoder, the ViT and the flow heads (first call slow).
+        """
+        core = self.model.model
+        if channels_last:
+            for part in (core.vae_model, core.vae_decoder_projector):
+                part.to(memory_format=torch.channels_last)
+        if compile_step:
+            for name in ("vae_decoder_projector", "gen_projector", "hi_projector"):
+                setattr(core, name, torch.compile(getattr(core, name)))
+        return self
+
     # -- helpers --------------------------------------------------------------------------------------------
     @property
     def _patch(self) -> int:

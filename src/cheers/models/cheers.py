@@ -160,7 +160,7 @@ class CheersModel(nn.Module):
         return rearrange(v, "n (h w) c -> n c h w", h=h, w=w), rearrange(gate, "n (h w) 1 -> n h w", h=h, w=w)
 
     def initialize_weights(self) -> None:
-        """Zero-init every AdaLN modulation, the flow head's outputs and the HFI gate (identity at init)."""
+        """Zero-init every AdaLN modulation and the HFI gate's output (the release's zero-initialised layers)."""
         self.gen_projector.zero_init()
         self.hi_projector.zero_init()
         self.hi_gate.zero_init()

@@ -146,11 +146,13 @@ class DiTHead(nn.Module):
         return self.diffusion_head_b(x, c)
 
     def zero_init(self) -> None:
-        """AdaLN-Zero: every block and the output start as identity / zero."""
-        for block in self.diffusion_head_a:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.diffusion_head_b.adaLN_modulation[-1], self.diffusion_head_b.linear):
+        """AdaLN-Zero: every block starts as the identity and the final layer as ``linear(RMSNorm(x))``.
+
+        Only the modulations are zeroed, as in the release. The final ``linear`` keeps its random init: DiT also
+        zeroes it, but here stage 2's input is ``LayerNorm(stage-1 output + g·high)`` with g zero at init, so a
+        zero stage-1 output would make every gradient but the output bias vanish (a dead head).
+        """
+        for layer in (*(b.adaLN_modulation[-1] for b in self.diffusion_head_a), self.diffusion_head_b.adaLN_modulation[-1]):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
