@@ -19,3 +19,13 @@ def test_batched_guidance_equals_release_style_loop():
         ours = generate(model, prompt, None, dummy, num_inference_steps=4, cfg_scale=cfg, alpha=0.5,
                         latents=noise, max_length=0).images[0][0]
         assert (ours - ref[0]).abs().max() < 1e-4
+
+
+def test_channels_last_option_keeps_the_outputs():
+    from model_helpers import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=2)
+    kw = dict(num_inference_steps=2, guidance_scale=2.0, output_type="pt", height=64, width=64)
+    ref = pipe.generate("red", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    fast = pipe.optimize(channels_last=True).generate("red", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    assert (fast - ref).abs().max() < 1e-4

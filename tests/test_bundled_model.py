@@ -1,0 +1,33 @@
+"""The bundled ShapesWorld model is a trained model: it answers ShapesWorld questions far better than chance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cheers.assets import BUNDLED_DIR, has_bundled_model
+from cheers.eval.shapes_bench import ShapesBenchConfig, shapes_vqa
+from cheers.models.cheers import Cheers
+from cheers.pipeline import CheersPipeline
+
+pytestmark = [pytest.mark.skipif(not has_bundled_model(), reason="the bundled model is not installed"),
+              pytest.mark.usefixtures("one_cpu_thread")]
+
+
+def test_bundled_model_beats_an_untrained_one_on_shapes_vqa():
+    trained = CheersPipeline.from_pretrained(BUNDLED_DIR, device="cpu", progress=False)
+    torch.manual_seed(0)
+    untrained = CheersPipeline(Cheers(trained.model.config, special=trained.model.special).eval(),
+                               trained.processor, trained.defaults, progress=False)
+    cfg = ShapesBenchConfig(n=3, tasks=("vqa",), max_new_tokens=8)
+    res = trained.processor.image_size
+    good = shapes_vqa(trained, cfg, res)["report"]["overall"]
+    bad = shapes_vqa(untrained, cfg, res)["report"]["overall"]
+    assert good >= bad + 0.3, (good, bad)
+
+
+def test_bundled_model_is_the_default_and_draws_an_image():
+    pipe = CheersPipeline.from_pretrained("default", device="cpu", progress=False)
+    assert pipe.model.config.image_size == 64 and pipe.defaults.num_inference_steps == 20
+    image = pipe.generate("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
