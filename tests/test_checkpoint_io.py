@@ -23,7 +23,7 @@ from cheers.checkpoint import (
     save_state_dict,
 )
 
-REFERENCE = Path("/work/shared/reference/config_a/checkpoint")
+REFERENCE = Path(__file__).parent / "fixtures/reference/config_a/checkpoint"
 TIE_TARGET, TIE_SOURCE = "lm_head.weight", "model.language_model.embed_tokens.weight"
 
 

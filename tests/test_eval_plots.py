@@ -85,10 +85,11 @@ def test_hfi_plot_from_pipeline_maps(tmp_path):
 
 
 def test_settings_grid_draws_one_picture_per_setting(tmp_path):
-    from model_helpers import tiny_pipeline
     from PIL import Image
 
     from cheers.eval.settings_grid import settings_grid
+
+    from model_helpers import tiny_pipeline
 
     out = settings_grid(tiny_pipeline(), "two red circles", tmp_path / "grid.png", steps=(1, 2), guidance=(1.0, 2.0),
                         shift=(1.0,))

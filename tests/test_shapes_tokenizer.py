@@ -14,7 +14,7 @@ from cheers.data.shapes.tokenizer import (
     load_shapes_tokenizer,
 )
 
-REFERENCE = Path("/work/shared/reference/official/tokenizer_config.json")
+REFERENCE = Path(__file__).parent / "fixtures/official/tokenizer_config.json"
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,11 @@ def default_model_dir() -> Path:
 
 def random_tiny_model_dir(directory: Path | None = None, seed: int = 0) -> Path:
     """Build (once) a random-weight ``tiny`` Cheers with the ShapesWorld tokenizer, in the release layout."""
+    import shutil
+
     import torch
 
     from cheers.config import preset
-    import shutil
-
     from cheers.data.shapes.tokenizer import ASSET_DIR
     from cheers.models.cheers import Cheers
     from cheers.models.pretrained import save_pretrained
