@@ -109,7 +109,10 @@ class CheersPipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "auto",
                         dtype: str | torch.dtype | None = None, progress: bool = True) -> CheersPipeline:
-        """Load a release-layout directory, a hub id (``ai9stars/Cheers``) or ``"default"`` (the bundled model)."""
+        """Load a release-layout directory, a hub id (``ai9stars/Cheers``) or ``"default"`` (the bundled model).
+
+        ``dtype`` defaults to the checkpoint's (bf16 for the release) on GPUs and to float32 on the CPU.
+        """
         dev = resolve_device(device)
         if str(name_or_path) == DEFAULT_MODEL:
             from cheers.assets import default_model_dir
@@ -118,6 +121,8 @@ class CheersPipeline:
         from cheers.checkpoint import resolve_checkpoint_dir
 
         directory = resolve_checkpoint_dir(str(name_or_path))
+        if dtype is None and dev.type == "cpu":
+            dtype = "float32"  # half precision on a CPU is ~30x slower; GPUs keep the checkpoint's dtype
         model = from_pretrained(directory, dtype=resolve_dtype(dtype) if dtype else None, device=dev)
         processor = CheersProcessor.from_pretrained(directory)
         defaults = SamplingDefaults()
