@@ -25,17 +25,11 @@ from typing import Any, Literal
 import torch
 
 from cheers import image_ops
+from cheers.chat_template import RELEASE_CHAT_TEMPLATE  # used when the tokenizer has none
 from cheers.tokens import SpecialTokens, add_cheers_special_tokens, cfg_dropout_ids, unconditional_ids
 
 logger = logging.getLogger(__name__)
 
-RELEASE_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-"""The release's chat template (tokenizer_config.json); used when the tokenizer has none."""
 
 IMAGE_PLACEHOLDER = "<im_start><image><im_end>"
 IMAGE_GEN_PLACEHOLDER = "<im_start><image_gen><im_end>"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from cheers.chat_template import RELEASE_CHAT_TEMPLATE
+
 from .glyphs import CHARSET
 from .palette import CELL_NAMES, NUMBER_WORDS, OBJECT_COLORS, SHAPES, WORDS, plural
 from .samples import CAPTION_PROMPTS, KINDS, make_sample
@@ -35,13 +37,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
 QWEN2_PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-"""The release's chat template (tokenizer_config.json of the official checkpoint), verbatim."""
+CHAT_TEMPLATE = RELEASE_CHAT_TEMPLATE  # the release's, verbatim
 _ROLE = {"human": "user", "gpt": "assistant"}
 ASSET_DIR = Path(__file__).parent / "assets" / "tokenizer"
 """The shipped build (default arguments), so loading needs no training; tests pin it to a fresh build."""
