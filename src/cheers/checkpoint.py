@@ -83,6 +83,27 @@ def _cap(items: list[str], cap: int = _LIST_CAP) -> str:
 
 
 # --------------------------------------------------------------------------- atomic writes
+_RUST_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_behind(err: BaseException) -> OSError | None:
+    """The operating-system error (errno set) behind a failed write, or None.
+
+    Writers wrap it: ``torch.save`` into a file object raises a ``RuntimeError`` ("unexpected pos ...") whose
+    context is the ``OSError``; safetensors (Rust) raises ``SafetensorError("... (os error 28)")``.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    match = _RUST_OS_ERROR_RE.search(str(err))
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # directories cannot be opened/fsynced everywhere (Windows)
         fd = os.open(directory, os.O_RDONLY)
@@ -402,9 +423,12 @@ def save_state_dict(
             temps.append(
                 (_write_temp(directory / INDEX_NAME, lambda p: p.write_text(text)), directory / INDEX_NAME)
             )
-    except BaseException:
+    except BaseException as err:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
+        cause = os_error_behind(err) if isinstance(err, Exception) else None
+        if cause is not None and not isinstance(err, OSError):  # e.g. SafetensorError on a full disk
+            raise OSError(cause.errno, f"{cause.strerror} while saving weights", str(directory)) from err
         raise
     for tmp, final in temps:  # the index goes last, once every shard it names is in place
         os.replace(tmp, final)

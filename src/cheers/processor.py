@@ -154,6 +154,10 @@ class CheersProcessor:
                 (joined with newlines; an image item becomes ``<im_start><image><im_end>``).
             add_generation_prompt: end with ``<|im_start|>assistant\\n``.
 
+        Raises:
+            ValueError: naming the message at fault: not a dict, no role, a role that is not one word (or
+                holds ``<|...|>``), content neither a str nor a list of items, text that is not valid Unicode.
+
         Returns:
             The prompt text, e.g. ``<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
             <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`` (without the line break).
@@ -172,7 +176,7 @@ class CheersProcessor:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with ``<image>`` / ``<image_gen>`` replaced by their markers."""
         markers = self.special.markers
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.tokenizer.encode(_valid_unicode(text, "the text"), add_special_tokens=False)
         return [markers.get(i, i) for i in ids]
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
@@ -395,8 +399,21 @@ def _normalise_conversation(messages: Any) -> tuple[list[dict[str, str]], list[A
         content = message.get("content", message.get("value"))
         if not isinstance(role, str) or not role:
             raise ValueError(f"message {i} needs a non-empty 'role' (or 'from') string, got {role!r:.80}")
-        out.append({"role": _ROLE_ALIASES.get(role, role), "content": _content_text(content, i, images)})
+        if any(c.isspace() for c in role) or "<|" in role or "|>" in role:  # it would forge turns in the prompt
+            raise ValueError(f"message {i} role must be one word without <|...|> tokens, got {role!r:.80}")
+        text = _valid_unicode(_content_text(content, i, images), f"message {i} content")
+        out.append({"role": _valid_unicode(_ROLE_ALIASES.get(role, role), f"message {i} role"), "content": text})
     return out, images
+
+
+def _valid_unicode(text: str, what: str) -> str:
+    """Tokenizers take UTF-8 only: a lone surrogate (e.g. from a bad decode) is refused, with its position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} is not valid Unicode: {text[err.start]!r} at position {err.start} "
+                         f"({err.reason})") from None
+    return text
 
 
 def _content_text(content: Any, index: int, images: list[Any]) -> str:

@@ -6,7 +6,8 @@ answers) and HFI heatmaps (the high-frequency-injection gate of every sampling s
 Safety defaults: the server binds 127.0.0.1 unless told otherwise; uploads are capped by ``max_file_size``
 and read only from Gradio's temporary upload folder (a path from anywhere else is refused); the demo never
 writes a user file itself; bad input shows the pipeline's ``ValueError`` text as a ``gr.Error`` message,
-never a stack trace; every model call goes through one shared queue (``max_concurrency`` at a time).
+never a stack trace; every model call goes through one shared queue (``max_concurrency`` at a time, at most
+``max_queue`` waiting; later visitors are turned away with "Queue is full").
 
 Gradio and the pipeline are imported lazily, so ``cheers --help`` stays fast and works without the ``[demo]``
 extra.

@@ -11,7 +11,10 @@ Layout of ``<run>/checkpoints``::
         rng/rank-00000.pt     python, numpy, torch (and CUDA) generator states of every process
 
 A checkpoint is assembled in ``.tmp-step-...`` and renamed into place only when complete; the previous one
-stays until then, so a crash mid-save leaves the last good checkpoint and ``latest`` untouched. The data
+stays until then, so a crash mid-save leaves the last good checkpoint and ``latest`` untouched (a re-save of
+the same step moves the old copy to ``.old-step-...`` for the instant between two renames; ``latest_checkpoint``
+finds it there). The next save clears what a killed save left behind. A write that fails for lack of disk
+space (or any OS error) raises ``OSError`` with its errno, naming the checkpoint that failed. The data
 position needs no state of its own beyond the step: every sample is a function of (seed, position).
 """
 
@@ -82,9 +85,28 @@ def restore_rng(state: dict[str, Any]) -> None:
 # save
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file (so a full disk surfaces as the ``OSError`` behind torch's
+    ``RuntimeError``, not only "unexpected pos"), then fsync."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
         os.fsync(f.fileno())
+
+
+def _clear_debris(root: Path) -> None:
+    """Remove what a killed save left: temp dirs and pointer temp files; a step that ``_publish`` moved aside
+    is put back if its replacement never arrived, else deleted."""
+    for old in root.glob(".old-step-*"):
+        final = root / old.name.removeprefix(".old-")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    for tmp in root.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in root.glob(f".{LATEST}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -96,7 +118,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, module: nn.Module, op
     tmp = root / f".tmp-{step_name(step)}"
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save
+        _clear_debris(root)
         (tmp / "rng").mkdir(parents=True)
     barrier(info)
     try:
@@ -108,11 +130,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, module: nn.Module, op
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
         elif info.is_main:
             ckpt.save_state_dict(unwrap(module).state_dict(), tmp, max_shard_size=max_shard_size)
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-            _fsync(tmp / OPTIMIZER)
-        rng_file = tmp / "rng" / f"rank-{info.rank:05d}.pt"
-        torch.save(capture_rng(), rng_file)
-        _fsync(rng_file)
+            _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
+        _torch_save(capture_rng(), tmp / "rng" / f"rank-{info.rank:05d}.pt")
         barrier(info)
         if info.is_main:
             state = {"format": FORMAT, "step": step, "strategy": info.strategy, "world_size": info.world_size,
@@ -122,10 +141,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, module: nn.Module, op
             ckpt.atomic_write_json(root / LATEST, {"step": step, "dir": final.name})
             _prune(root, keep)
             logger.info("saved checkpoint %s", final)
-    except BaseException:
+    except BaseException as err:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        cause = ckpt.os_error_behind(err) if isinstance(err, Exception) else None  # not on Ctrl-C
+        if cause is None:
+            raise
+        message = f"{os.strerror(cause.errno)}: saving checkpoint {final.name} failed; {LATEST!r} still names"
+        raise OSError(cause.errno, f"{message} the previous checkpoint", str(root)) from err
     barrier(info)
     return final
 
@@ -156,13 +179,15 @@ def _prune(root: Path, keep: int) -> None:
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint ``latest`` points to, or None when the run has none."""
-    pointer = checkpoints_dir(run_dir) / LATEST
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST
     if not pointer.is_file():
         return None
-    target = checkpoints_dir(run_dir) / json.loads(pointer.read_text())["dir"]
-    if not (target / STATE).is_file():
-        raise ckpt.CheckpointError(f"{pointer} points to {target}, which is not a complete checkpoint")
-    return target
+    name = json.loads(pointer.read_text())["dir"]
+    for target in (root / name, root / f".old-{name}"):  # .old-: a re-save of this step killed mid-publish
+        if (target / STATE).is_file():
+            return target
+    raise ckpt.CheckpointError(f"{pointer} points to {root / name}, which is not a complete checkpoint")
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
