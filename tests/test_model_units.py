@@ -187,3 +187,23 @@ def test_model_without_hfi_ignores_the_high_frequency_branch():
     a, gate = model.model.velocity_head(hidden, t1, t2, torch.rand(1, 3, 128, 128), (8, 8))
     b, _ = model.model.velocity_head(hidden, t1, t2, torch.rand(1, 3, 128, 128), (8, 8))
     assert torch.equal(a, b) and not gate.any()
+
+
+def test_model_without_pixel_reconstruction_reads_the_latent_directly():
+    """Paper Table 6's ablation: the ViT sees a learned linear image of z_t, never the pixel decoder."""
+    model = tiny_model(**{"options.pixel_reconstruction": False})
+    decoder = model.model.vae_decoder_projector
+    decoder.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("pixel decoder used"))
+    x_t = torch.randn(2, model.config.latent_channels, 8, 8)
+    tokens, pixel_hat = model.model.tokenize_latent(x_t)
+    assert pixel_hat.shape == (2, 3, 128, 128) and tokens.shape[:2] == (2, 16)
+    # Each latent token is exactly one ViT patch: changing token (0, 0) changes only patch (0, 0).
+    x2 = x_t.clone()
+    x2[:, :, 0, 0] += 1
+    diff = (model.model.tokenize_latent(x2)[1] - pixel_hat).abs().sum(1)
+    assert diff[:, :16, :16].sum() > 0 and diff[:, 16:, :].sum() == 0 and diff[:, :, 16:].sum() == 0
+    tokens.sum().backward()
+    assert model.model.latent_to_patch.weight.grad.abs().sum() > 0
+    groups = {g: [n for n, _ in ps] for g, ps in model.parameter_groups().items()}
+    assert "model.latent_to_patch.weight" in groups["vision_encoder"]
+    assert "model.latent_to_patch.weight" not in dict(tiny_model().named_parameters())

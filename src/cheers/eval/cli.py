@@ -9,6 +9,7 @@ share of the prompts and the GPU ``LOCAL_RANK``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -163,6 +164,15 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     if "edit" in report:
         print(f"ShapesEdit correct {report['edit']['summary']['correct']:.4f}")
     print(f"wrote {out / 'shapes_bench.json'}, {out / 'report.md'} and the contact sheets")
+    if args.scorecard:
+        from .runner import write_text_atomic
+        from .scorecard import make_scorecard
+
+        command = "cheers eval shapes " + " ".join(
+            f"--{k} {v}" for k, v in (("n", args.n), ("num-images", args.num_images), ("tasks", args.tasks)))
+        card = make_scorecard(report, command)
+        write_text_atomic(Path(args.scorecard), json.dumps(card, indent=1, sort_keys=True) + "\n")
+        print(f"wrote the scorecard {args.scorecard}")
     return 0
 
 
@@ -253,6 +263,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     s.add_argument("--edit-guidance", type=float, default=None)
     s.add_argument("--max-new-tokens", type=int, default=16, help="VQA answer length (default 16)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scorecard", default=None, metavar="FILE",
+                   help="also write the compact scorecard (summaries + per-item verdicts) that ships with a model")
     _model_args(s)
     s.set_defaults(func=cmd_shapes)
     return p
@@ -297,6 +309,48 @@ def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     return p
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablations import AblationConfig, run_ablations
+
+    if args.finetune_from == "default":
+        from cheers.assets import default_model_dir
+
+        args.finetune_from = str(default_model_dir())
+
+    cfg = AblationConfig(recipe=args.recipe, steps=args.steps, finetune_steps=args.finetune_steps,
+                         micro_batch=args.micro_batch, finetune_from=args.finetune_from, pairs=tuple(p for p in args.pairs.split(",") if p),
+                         n=args.n, num_images=args.num_images, overrides=list(args.overrides))
+    results = run_ablations(cfg, args.out)
+    for name, pair in results["pairs"].items():
+        for r in pair["rows"]:
+            print(f"{name}: {r['metric']}: with {r['with']:.3f} without {r['without']:.3f} -> {r['verdict']}")
+    print(f"wrote {Path(args.out) / 'ablations.md'}, ablations.json and ablations.png")
+    return 0
+
+
+def add_ablate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``ablate``: the paper's ablations as matched ShapesWorld runs (see cheers.eval.ablations)."""
+    from .ablations import PAIRS
+
+    a = subparsers.add_parser("ablate", help="train matched pairs (HFI, pixel reconstruction, joint training) "
+                                             "from one seed and budget and report ShapesBench differences")
+    a.add_argument("--out", required=True, help="ablation folder (a rerun reuses finished runs, resumes others)")
+    a.add_argument("--recipe", default="tiny-shapes", help="base recipe (default tiny-shapes)")
+    a.add_argument("--steps", type=int, default=600, help="optimizer steps of each from-scratch run")
+    a.add_argument("--finetune-steps", type=int, default=200, help="steps of each fine-tune (joint pair)")
+    a.add_argument("--micro-batch", type=int, default=None, help="batch of every run (default: the recipe's)")
+    a.add_argument("--finetune-from", default=None, metavar="DIR",
+                   help="model the joint-training fine-tunes start from (default: the base run; 'default': the "
+                        "bundled model)")
+    a.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}")
+    a.add_argument("--n", type=int, default=20, help="ShapesBench size per task (default 20)")
+    a.add_argument("--num-images", type=int, default=2, help="images per ShapesGenEval prompt (default 2)")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for every run, e.g. --set init.vae=runs/shapes-vae/vae")
+    a.set_defaults(func=cmd_ablate)
+    return a
+
+
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (``python -m cheers.eval.cli eval geneval ...``), mirroring ``cheers``."""
     import logging
@@ -305,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(sub)
     add_plot_parser(sub)
+    add_ablate_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

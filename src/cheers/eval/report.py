@@ -39,7 +39,11 @@ def shapes_markdown(report: dict[str, Any]) -> str:
             f"{g['hf_fidelity']:.3f} (1 = as much fine detail as the ground truth).",
             "",
         ]
-        lines += _table(["tag", "accuracy %"], [[t, _pct(a)] for t, a in g["summary"].items()])
+        ceiling = g.get("vae_ceiling", {})
+        lines += _table(["tag", "accuracy %", "VAE ceiling %"],
+                        [[t, _pct(a), _pct(ceiling[t]) if t in ceiling else "—"] for t, a in g["summary"].items()])
+        lines += ["", "VAE ceiling: the same judge on the reference renders passed through the model's VAE — the "
+                  "best a generator could reach through it."]
         fails = [s for s in g["samples"] if not s["correct"]][:MAX_FAILURES]
         if fails:
             lines += ["", "Failures (first few):", ""]

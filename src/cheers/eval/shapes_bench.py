@@ -41,8 +41,10 @@ from cheers.data.shapes import (
     sample_scene,
     scene_questions,
     score_edit,
+    score_spec,
     score_vqa,
     split_seeds,
+    summarize_geneval,
 )
 from cheers.data.shapes.geneval_folder import judge_geneval_folder
 from cheers.data.shapes.prompts import GEN_SUFFIX
@@ -162,6 +164,7 @@ def shapes_geneval(
     contact_sheet(tiles, cols=max(cfg.num_images, 4)).save(out / "geneval_sheet.png")
     return {
         "summary": summary,
+        "vae_ceiling": vae_ceiling(pipe, items, references),
         "hf_fidelity": hf_fidelity(generated, references),
         "n_prompts": len(items),
         "n_images": len(verdicts),
@@ -175,6 +178,23 @@ def shapes_geneval(
             for v in verdicts
         ],
     }
+
+
+@torch.no_grad()
+def vae_ceiling(pipe, items: list[tuple[dict[str, Any], Any]], references: list[Image.Image]) -> dict[str, float]:
+    """ShapesGenEval of the reference renders passed through the model's VAE (encode -> decode): the best
+    score a generator whose latents were perfect could reach through this VAE."""
+    vae = pipe.model.model.vae_model
+    param = next(vae.parameters())
+    results = []
+    for start in range(0, len(references), 32):
+        chunk = references[start:start + 32]
+        batch = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in chunk])
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(device=param.device, dtype=param.dtype)
+        y = vae.decode(vae.encode(x)).float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for (spec, _), arr in zip(items[start:start + 32], y):
+            results.append((spec["tag"], score_spec(parse_image(arr), spec).correct))
+    return summarize_geneval(results)
 
 
 # -- ShapesVQA -----------------------------------------------------------------------------------------------

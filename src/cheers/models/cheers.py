@@ -84,6 +84,10 @@ class CheersModel(nn.Module):
         self.vae_model = VAEModel(cfg.vae_encoder, cfg.vae_decoder)
         self.vae_decoder_projector = LatentDecoder(cfg.vae_decoder)
         self.vision_representation = build_vision_tower(cfg.vision)
+        if not opt.pixel_reconstruction:
+            # Paper Table 6's ablation: each latent token becomes one ViT patch of pseudo-pixels.
+            p = cfg.patch_size
+            self.latent_to_patch = nn.Linear(cfg.latent_channels, 3 * p * p)
         self.und_projector = UnderstandingProjector(dv, dt)
         self.gen_projector = DiTHead(dt, opt.gen_head_depth, cfg.text.num_attention_heads,
                                      cfg.text.num_key_value_heads, out_dim=4 * dv)
@@ -107,8 +111,16 @@ class CheersModel(nn.Module):
         return height // p, width // p
 
     def tokenize_latent(self, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z_t (n, C, h, w) -> (LLM tokens (n, N, Dt), pixel_hat (n, 3, H, W)) via D(z_t) and the ViT."""
-        pixel_hat = self.vae_decoder_projector(x_t)  # (n, 3, H, W)
+        """z_t (n, C, h, w) -> (LLM tokens (n, N, Dt), pixel_hat (n, 3, H, W)) via D(z_t) and the ViT.
+
+        With ``options.pixel_reconstruction`` off, pixel_hat is the learned linear image of the latent instead.
+        """
+        if self.config.options.pixel_reconstruction:
+            pixel_hat = self.vae_decoder_projector(x_t)  # (n, 3, H, W)
+        else:
+            p = self.config.patch_size
+            pixel_hat = rearrange(self.latent_to_patch(rearrange(x_t, "n c h w -> n h w c")),
+                                  "n h w (c p q) -> n c (h p) (w q)", p=p, q=p)
         feats = vit_features(self.vision_representation, pixel_hat)  # (n, M, Dv)
         return self.und_projector(feats, tuple(x_t.shape[-2:])), pixel_hat
 
@@ -187,7 +199,7 @@ class Cheers(nn.Module):
     PARAMETER_GROUPS: dict[str, tuple[str, ...]] = {
         "vae": ("model.vae_model",),
         "pixel_decoder": ("model.vae_decoder_projector",),
-        "vision_encoder": ("model.vision_representation",),
+        "vision_encoder": ("model.vision_representation", "model.latent_to_patch"),
         "und_projector": ("model.und_projector",),
         "llm": ("model.language_model", "lm_head"),
         "flow_head": ("model.gen_projector", "model.hi_projector", "model.time_embed"),
