@@ -5,6 +5,9 @@ step, the FLOPs of one guided step of each, images/s at several batch sizes, and
 
     python bench/bench_sampling.py --preset small --steps 8 --guidance 3
     python bench/bench_sampling.py --preset official --steps 80 --device cuda --dtype bfloat16
+    python bench/bench_sampling.py --preset small --solvers euler,multistep,heun --guidance-interval 0.2 1
+
+``--solvers`` / ``--guidance-interval`` add rows timing our sampler with those options (same steps).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from cheers.config import preset
 from cheers.generation import generate
 from cheers.models.cheers import Cheers
 from cheers.reference_loop import release_style_sample
+from cheers.sampling import check_solver, num_evaluations
 from cheers.tokens import SpecialTokens
 
 
@@ -61,7 +65,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--solvers", default="", help="comma-separated solvers to time as well (e.g. multistep,heun)")
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                    help="also time our sampler guiding only over [T_LO, T_HI] (per solver in --solvers)")
     args = ap.parse_args()
+    solvers = [check_solver(x) for x in args.solvers.split(",") if x]
     dtype = getattr(torch, args.dtype)
     model = build(args.preset, args.device, dtype)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -72,9 +80,9 @@ def main() -> None:
     noise = torch.randn(1, model.config.latent_channels, *grid, device=args.device, dtype=dtype)
     kw = dict(num_inference_steps=args.steps, cfg_scale=args.guidance, alpha=0.5)
 
-    def ours(batch: int = 1):
+    def ours(batch: int = 1, **options):
         return generate(model, ids.expand(batch, -1), None, dummy.expand(batch, -1, -1, -1),
-                        latents=noise.expand(batch, -1, -1, -1), max_length=0, **kw)
+                        latents=noise.expand(batch, -1, -1, -1), max_length=0, **kw, **options)
 
     def release():
         return release_style_sample(model, ids, dummy, noise, **kw)
@@ -96,6 +104,12 @@ def main() -> None:
             print(f"{label:14s} {t:8.3f} s/image  {t / args.steps * 1e3:8.1f} ms/step  "
                   f"{f / 1e9:9.2f} GFLOP/step  {f * args.steps / t / 1e12:7.3f} TFLOP/s")
         print(f"speed-up (release-style / ours, same run): {t_rel / t_ours:.2f}x")
+        intervals = [None] + ([tuple(args.guidance_interval)] if args.guidance_interval else [])
+        for solver in solvers or (["euler"] if args.guidance_interval else []):
+            for interval in intervals:
+                t = timed(lambda s=solver, i=interval: ours(solver=s, guidance_interval=i), args.repeats, sync)
+                print(f"ours solver={solver:9s} interval={interval!s:12s} {t:8.3f} s/image  "
+                      f"{num_evaluations(solver, args.steps):3d} evaluations  {t_ours / t:5.2f}x euler's speed")
         for batch in [int(b) for b in args.batches.split(",")]:
             t = timed(lambda b=batch: ours(b), 1, sync)
             print(f"batch {batch:3d}: {batch / t:7.3f} images/s")

@@ -47,7 +47,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = _pipeline(args)
     out = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                         guidance_scale=args.guidance, shift=args.shift, height=args.height, width=args.width,
-                        num_images_per_prompt=args.num_images, generator=_generator(args.seed))
+                        num_images_per_prompt=args.num_images, generator=_generator(args.seed),
+                        solver=args.solver, guidance_interval=args.guidance_interval)
     path = Path(args.out)
     for i, image in enumerate(out.images):
         target = path if len(out.images) == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
@@ -62,7 +63,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     pipe = _pipeline(args)
     out = pipe.edit(load_image(args.image), args.instruction, num_inference_steps=args.steps,
-                    guidance_scale=args.guidance, generator=_generator(args.seed))
+                    guidance_scale=args.guidance, generator=_generator(args.seed), solver=args.solver,
+                    guidance_interval=args.guidance_interval)
     save_image(out.images[0], Path(args.out), {"instruction": args.instruction, "image": args.image,
                                                "seed": args.seed, "model": args.model, **out.settings})
     print(args.out)
@@ -135,6 +137,54 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_dir() -> Path:
+    """The source checkout's ``bench/`` folder (benchmarks are scripts, not part of the installed package)."""
+    return Path(__file__).resolve().parents[2] / "bench"
+
+
+def bench_scripts() -> dict[str, Path]:
+    """Benchmark name -> script: ``bench/bench_X.py`` is ``X``, any other ``bench/Y.py`` is ``Y`` (``-`` for ``_``)."""
+    folder = bench_dir()
+    scripts = sorted(folder.glob("*.py")) if folder.is_dir() else []
+    return {f.stem.removeprefix("bench_").replace("_", "-"): f for f in scripts if not f.stem.startswith("_")}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    scripts = bench_scripts()
+    if not scripts:
+        raise ValueError(f"no benchmark scripts in {bench_dir()}: they ship with the source checkout, not the wheel")
+    if args.name in (None, "list"):
+        for name, path in scripts.items():
+            print(f"{name:16s} {path}")
+        return 0
+    if args.name not in scripts:
+        raise ValueError(f"unknown benchmark {args.name!r}; choose one of {sorted(scripts)}")
+    path = scripts[args.name]
+    argv, sys.argv = sys.argv, [str(path), *args.args]
+    sys.path.insert(0, str(path.parent))
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as stop:  # the script's own exit (argparse --help, bad flags)
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        sys.argv = argv
+        sys.path.remove(str(path.parent))
+    return 0
+
+
+def _solver_args(p: argparse.ArgumentParser) -> None:
+    from cheers.sampling import SOLVERS
+
+    p.add_argument("--solver", choices=SOLVERS, default=None,
+                   help="flow ODE solver (default: the model's, normally the release's euler); multistep is "
+                        "2nd order at Euler's cost, heun/midpoint 2nd order at 2 evaluations per step")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"), default=None,
+                   help="apply guidance only for t in [T_LO, T_HI] (t = 0 noise, 1 image); elsewhere the "
+                        "unconditional branch is skipped")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cheers", description="Cheers: unified image understanding and generation")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -151,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    _solver_args(p)
     _model_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -161,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    _solver_args(p)
     _model_args(p)
     p.set_defaults(func=cmd_edit)
 
@@ -180,9 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("bench", help="run a benchmark script of bench/ (source checkout): cheers bench NAME [ARGS]",
+                       description="Runs bench/bench_NAME.py (or bench/NAME.py) with ARGS; 'cheers bench list' "
+                                   "lists them, 'cheers bench NAME --help' shows a script's options.")
+    p.add_argument("name", nargs="?", default=None, help="sampling, understanding, train, solver-curve, ... or list")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
+    p.set_defaults(func=cmd_bench)
+
     for module, adder in (("cheers.data.shapes.cli", "add_shapes_parser"), ("cheers.training.cli", "add_train_parser"),
                           ("cheers.web", "add_web_parser"), ("cheers.eval.cli", "add_eval_parser"),
-                          ("cheers.eval.cli", "add_plot_parser")):
+                          ("cheers.eval.cli", "add_plot_parser"), ("cheers.eval.cli", "add_ablate_parser")):
         try:
             mod = __import__(module, fromlist=[adder])
         except ImportError:

@@ -6,87 +6,35 @@ N tokens per image, C latent channels, h×w latent grid, V vocabulary.
 Unlike the release (batch of one, row 0 only), every row is independent: rows of different lengths are
 right-padded, each row has its own positions and its own valid keys, so each gives what it gives alone.
 Guidance runs the conditional and unconditional prompts as one batch and tokenizes each latent once.
+The cache itself (prefill, extend, crop; dynamic or static) is :mod:`cheers.lm_state`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from cheers.lm_state import LMState, extend, prefill, to_static
 from cheers.models.cheers import Cheers
-from cheers.sampling import apply_guidance, edit_schedule, edit_start, euler_sample, schedule
+from cheers.sampling import (
+    apply_guidance,
+    check_guidance_interval,
+    check_solver,
+    edit_schedule,
+    edit_start,
+    in_guidance_interval,
+    sample,
+    schedule,
+)
 from cheers.text_sampling import TextSampling, pick_tokens
 from cheers.tokens import unconditional_ids
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class LMState:
-    """The KV cache of R rows and, per row, which cached keys are real and the next position id."""
-
-    cache: object
-    key_valid: torch.Tensor  # (R, T) bool
-    next_pos: torch.Tensor  # (R,) long
-    last_logits: torch.Tensor  # (R, V) logits after the last real token of each row
-
-    @property
-    def length(self) -> int:
-        return self.key_valid.shape[1]
-
-    def crop(self, length: int, next_pos: torch.Tensor) -> None:
-        """Drop every cache entry past ``length`` and restore the rows' next positions."""
-        if self.length > length:
-            self.cache.crop(length - self.length)  # a negative count removes that many entries
-            self.key_valid = self.key_valid[:, :length]
-        self.next_pos = next_pos.clone()
-
-
-def prefill(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            pixel_values: torch.Tensor | None, repeat_images: int = 1) -> LMState:
-    """Run the prompt (images at t = 1) and keep its cache; the last real position seeds decoding.
-
-    ``repeat_images`` > 1 tokenizes ``pixel_values`` once and feeds the tokens to that many copies of the
-    batch (the guidance branches share their images).
-    """
-    features = None
-    if pixel_values is not None:
-        features = model.model.image_features(pixel_values)
-        if repeat_images > 1:
-            features = dataclasses.replace(features, tokens=features.tokens.repeat(repeat_images, 1, 1))
-    out = model(input_ids, attention_mask, use_cache=True, image_features=features)
-    asm = out.assembled
-    last = (asm.lengths - 1).clamp(min=0)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    logits = out.logits[rows, last]  # (R, V)
-    return LMState(out.past_key_values, asm.valid.clone(), asm.lengths.clone(), logits)
-
-
-def extend(model: Cheers, state: LMState, embeds: torch.Tensor, active: torch.Tensor,
-           bidirectional: bool) -> torch.Tensor:
-    """Append T new positions per row to the cache; returns their final hidden states (R, T, Dt).
-
-    New tokens see every real cached key of their row and each other (all of them when ``bidirectional``,
-    else causally). Rows with ``active`` False compute but their entries are marked invalid and their
-    positions do not advance.
-    """
-    rows, new = embeds.shape[:2]
-    device = embeds.device
-    positions = state.next_pos[:, None] + torch.arange(new, device=device)  # (R, T)
-    if bidirectional:
-        block = torch.ones(new, new, dtype=torch.bool, device=device)
-    else:
-        block = torch.ones(new, new, dtype=torch.bool, device=device).tril()
-    past = state.key_valid[:, None, :].expand(rows, new, -1)  # (R, T, P)
-    mask = torch.cat([past, block.expand(rows, -1, -1)], dim=-1)[:, None]  # (R, 1, T, P+T)
-    out = model.run_language_model(embeds, mask, positions, state.cache, use_cache=True)
-    state.key_valid = torch.cat([state.key_valid, active[:, None].expand(rows, new)], dim=1)
-    state.next_pos = state.next_pos + active.long() * new
-    return out.last_hidden_state
+__all__ = ["GenerationOutput", "ImageSampler", "LMState", "extend", "generate", "prefill", "randn_rows", "to_static"]
 
 
 class ImageSampler:
@@ -97,41 +45,81 @@ class ImageSampler:
         state: the cache after the prompt; R = B, or 2B with guidance (conditional rows first).
         cfg_scale: guidance scale, or None for none.
         active: (B,) rows that are generating an image; the others' entries are invalidated.
+        guidance_interval: ``(t_lo, t_hi)``: guide only there; elsewhere the unconditional rows are not run.
     """
 
-    def __init__(self, model: Cheers, state: LMState, cfg_scale: float | None, active: torch.Tensor) -> None:
+    def __init__(self, model: Cheers, state: LMState, cfg_scale: float | None, active: torch.Tensor,
+                 guidance_interval: tuple[float, float] | None = None) -> None:
         self.model, self.state, self.cfg_scale = model, state, cfg_scale
+        self.guidance_interval = check_guidance_interval(guidance_interval)
         self.guided = state.key_valid.shape[0] == 2 * active.shape[0]
         self.active = torch.cat([active, active]) if self.guided else active
         self.prefix_length = state.length
         self.prefix_pos = state.next_pos.clone()
         self.evaluated = False
+        self.partial: LMState | None = None  # the conditional rows' state after a conditional-only evaluation
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """x (B, C, h, w), t 0-d -> (conditional velocity, unconditional velocity or None, gate (B, h, w))."""
+    def velocity(self, x: torch.Tensor, t: torch.Tensor,
+                 guide: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """x (B, C, h, w), t 0-d -> (conditional velocity, unconditional velocity or None, gate (B, h, w)).
+
+        With ``guide`` False only the conditional rows go through the LLM and the flow head.
+        """
         core = self.model.model
         if self.evaluated:  # each evaluation sees only the prompt plus its own image tokens
             self.state.crop(self.prefix_length, self.prefix_pos)
-        self.evaluated = True
+        self.evaluated, self.partial = True, None
+        b = x.shape[0]
+        both = self.guided and guide
         tokens, pixel_hat = core.tokenize_latent(x)  # computed once for both guidance branches
-        if self.guided:
+        if both:
             tokens, pixel_hat = torch.cat([tokens, tokens]), torch.cat([pixel_hat, pixel_hat])
         rows = tokens.shape[0]
-        hidden = extend(self.model, self.state, tokens, self.active, bidirectional=True)  # (R, N, Dt)
+        if self.guided and not guide:
+            self.partial = self.state.first_rows(b)
+            hidden = extend(self.model, self.partial, tokens, self.active[:b], bidirectional=True)  # (B, N, Dt)
+        else:
+            hidden = extend(self.model, self.state, tokens, self.active, bidirectional=True)  # (R, N, Dt)
         temb1, temb2 = core.time_embed(t.reshape(1).to(x.device))
         v, gate = core.velocity_head(hidden, temb1.expand(rows, -1, -1), temb2.expand(rows, -1, -1), pixel_hat,
                                      tuple(x.shape[-2:]))
-        if not self.guided:
+        if not both:
             return v, None, gate
-        b = x.shape[0]
         return v[:b], v[b:], gate[:b]
 
     def guided_velocity(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The velocity the sampler integrates (guidance applied) and the gate map."""
-        v_cond, v_uncond, gate = self.velocity(x, t)
+        """The velocity the sampler integrates (guidance applied inside the interval) and the gate map."""
+        v_cond, v_uncond, gate = self.velocity(x, t, guide=in_guidance_interval(t, self.guidance_interval))
         if v_uncond is None:
             return v_cond, gate
         return apply_guidance(v_cond, v_uncond, self.cfg_scale), gate
+
+    def finish(self) -> None:
+        """Leave the cache as after a full evaluation of the last latent, for the text that may follow.
+
+        If that evaluation ran the conditional rows only, their new entries are appended to the shared cache;
+        the unconditional rows get placeholders marked invalid (they did not see this image).
+        """
+        if self.partial is None:
+            return
+        b, length = self.partial.key_valid.shape[0], self.partial.length
+        new = length - self.prefix_length
+        if self.state.static:  # the conditional rows' entries are already in the shared memory
+            for layer in self.state.cache.layers:
+                layer.cumulative_length.fill_(length)
+            self.state.key_valid = torch.cat([self.partial.key_valid, self.state.key_valid[b:]])
+            self.state.used = length
+            self.state.next_pos = torch.cat([self.partial.next_pos, self.state.next_pos[b:]])
+            self.partial = None
+            return
+        for i, layer in enumerate(self.partial.cache.layers):
+            k, v = layer.keys[..., -new:, :], layer.values[..., -new:, :]  # (B, H, N, Dh)
+            self.state.cache.update(torch.cat([k, torch.zeros_like(k)]), torch.cat([v, torch.zeros_like(v)]), i)
+        self.state.key_valid = torch.cat([self.partial.key_valid,
+                                          torch.cat([self.state.key_valid[b:],
+                                                     self.state.key_valid.new_zeros(b, new)], dim=1)])
+        self.state.next_pos = torch.cat([self.partial.next_pos, self.state.next_pos[b:]])
+        self.partial = None
 
 
 @dataclass
@@ -173,7 +161,9 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
              return_gates: bool = False,
              token_callback: Callable[[int, int], None] | None = None,
              uncond_input_ids: torch.Tensor | None = None,
-             uncond_attention_mask: torch.Tensor | None = None) -> GenerationOutput:
+             uncond_attention_mask: torch.Tensor | None = None, solver: str = "euler",
+             guidance_interval: tuple[float, float] | None = None,
+             static_cache: bool = False) -> GenerationOutput:
     """The release's ``generate`` loop, batched: text decoding, and an image whenever a row's last token is
     ``<im_start>`` (SPEC §10.2).
 
@@ -182,7 +172,7 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
         pixel_values: (n, 3, H, W) the prompts' images: one per marker, plus one per marker-less row (the
             release's dummy image, prepended). With ``edit_image`` there is one image per row, which is also
             the editing start.
-        num_inference_steps: Euler steps S (editing runs int(0.9·S) from t = 0.1).
+        num_inference_steps: grid points S (editing runs int(0.9·S) from t = 0.1).
         cfg_scale: guidance scale; None or 1 disables guidance.
         alpha: the release's time shift (α < 1 spends more steps near the noise end).
         max_length: stop once the count (N per image + 1 per text token) exceeds this.
@@ -190,11 +180,16 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
         latents: (B, C, h, w) the start noise of the first image (else drawn from ``generator``).
         latent_grid: (h, w) of generated images; default: the grid of ``pixel_values``.
         final_step: ``"release"`` (overshoot by 1/S) or ``"exact"`` (stop at t = 1).
-        callback: ``callback(step, t, x, v)`` after each velocity evaluation.
-        return_gates: also return the HFI gate map of every step of every image.
+        callback: ``callback(step, t, x, v)`` after the velocity evaluation at each grid point.
+        return_gates: also return the HFI gate map of every grid point of every image.
         token_callback: ``token_callback(row, token_id)`` for each generated token, as it is chosen (streaming).
         uncond_input_ids, uncond_attention_mask: the unconditional prompts for guidance (e.g. a negative
             prompt); default: the release's rule (every id but the image-block tokens becomes ``<no_mean>``).
+        solver: the ODE solver, one of :data:`cheers.sampling.SOLVERS` (``"euler"``: the release's).
+        guidance_interval: ``(t_lo, t_hi)``: apply guidance only for t in that interval; outside it the
+            unconditional branch is not computed. None: guide at every step.
+        static_cache: after the prefill, decode into a pre-allocated KV cache (:func:`to_static`) sized from
+            ``max_length``; the dynamic cache's tokens (values equal up to float rounding).
     """
     special = model.require_special()
     sampling = sampling or TextSampling()
@@ -202,6 +197,8 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
     batch = input_ids.shape[0]
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     guided = cfg_scale is not None and cfg_scale != 1
+    check_solver(solver)
+    guidance_interval = check_guidance_interval(guidance_interval)
     if edit_image and (pixel_values is None or pixel_values.shape[0] != batch):
         raise ValueError(f"edit_image needs one input image per prompt: {batch} prompt(s), "
                          f"{0 if pixel_values is None else pixel_values.shape[0]} image(s)")
@@ -221,6 +218,11 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
         ids = torch.cat([_pad_to(input_ids, width, special.pad), _pad_to(uncond_input_ids, width, special.pad)])
         mask = torch.cat([_pad_to(attention_mask, width, 0), _pad_to(uncond_attention_mask, width, 0)])
     state = prefill(model, ids, mask, pix, repeat_images=2 if guided else 1)
+    if static_cache:
+        # a text token adds 1 entry and 1 to the count; an image adds N (plus N transient while sampling) and its
+        # uncounted <im_end> 1; the count may pass max_length by one image: at most 2·(max_length + 2N) + 2
+        n_image = latent_grid[0] * latent_grid[1] // 4
+        state = to_static(model, state, state.length + 2 * (max_length + 2 * n_image) + 2)
     rows = state.key_valid.shape[0]
     lengths = attention_mask.sum(dim=1)
     last_token = input_ids[torch.arange(batch, device=device), lengths - 1]
@@ -251,16 +253,23 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
             dtype = next(model.parameters()).dtype
             noise = noise.to(dtype)
             x = edit_start(model.model.vae_model.encode(pixel_values.to(dtype)), noise) if edit_image else noise
-            sampler = ImageSampler(model, state, cfg_scale if guided else None, make)
+            sampler = ImageSampler(model, state, cfg_scale if guided else None, make, guidance_interval)
             step_gates: list[torch.Tensor] = []
+            last_gate: list[torch.Tensor] = []
 
-            def velocity(x_t: torch.Tensor, t: torch.Tensor, n: int, sampler=sampler, step_gates=step_gates):
+            def velocity(x_t: torch.Tensor, t: torch.Tensor, n: int, sampler=sampler, last_gate=last_gate):
                 v, gate = sampler.guided_velocity(x_t, t)
-                if return_gates:
-                    step_gates.append(gate)
+                last_gate[:] = [gate]
                 return v
 
-            final = euler_sample(velocity, x, ts.to(device), final_step=final_step, callback=callback)
+            def on_step(n, t, x_t, v, step_gates=step_gates, last_gate=last_gate):
+                if return_gates:  # the gate of the grid point's evaluation (solvers may evaluate in between)
+                    step_gates.append(last_gate[0])
+                if callback is not None:
+                    callback(n, t, x_t, v)
+
+            final = sample(velocity, x, ts.to(device), solver=solver, final_step=final_step, callback=on_step)
+            sampler.finish()
             pixels = model.model.vae_model.decode(final)
             for b in torch.nonzero(make).flatten().tolist():
                 out.images[b].append(pixels[b])

@@ -24,6 +24,7 @@ from cheers.generation import GenerationOutput, generate
 from cheers.models.cheers import Cheers
 from cheers.models.pretrained import from_pretrained, resolve_dtype
 from cheers.processor import CheersProcessor
+from cheers.sampling import check_guidance_interval, check_solver
 from cheers.text_sampling import TextSampling
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,13 @@ class SamplingDefaults:
     # how a text-to-image prompt is put to the model: ``{prompt}`` as given, or ``{sentence}`` (capitalised,
     # with a full stop), e.g. "{sentence}\nBased on the above description, generate an image."
     prompt_template: str = "{prompt}"
+    solver: str = "euler"  # the flow ODE solver (cheers.sampling.SOLVERS); "euler" is the release's
+    # guide only for t in [t_lo, t_hi] (the unconditional branch is skipped elsewhere); None: at every step
+    guidance_interval: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        check_solver(self.solver)
+        self.guidance_interval = check_guidance_interval(self.guidance_interval)  # a JSON list becomes a tuple
 
 
 def format_prompt(template: str, prompt: str) -> str:
@@ -139,14 +147,15 @@ class CheersPipeline:
                  latents: torch.Tensor | None = None, output_type: str = "pil",
                  callback_on_step_end: Callable[[int, float, torch.Tensor], None] | None = None,
                  return_hfi_maps: bool = False, final_step: str = "release",
-                 prefix_image: str | None = "dummy") -> ImagePipelineOutput:
+                 prefix_image: str | None = "dummy", solver: str | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> ImagePipelineOutput:
         """Text-to-image.
 
         Args:
             prompt: one prompt or a list (batched; mixed lengths are padded and masked).
             negative_prompt: replaces the release's unconditional prompt (all ``<no_mean>``) for guidance.
             height, width: pixels, multiples of 2 x patch size (default: the model's resolution).
-            num_inference_steps: Euler steps.
+            num_inference_steps: grid points of the ODE solver (Euler: steps).
             guidance_scale: classifier-free guidance (1 or 0 disables it).
             shift: the release's time-shift alpha; < 1 spends more steps near the noise end. Diffusers'
                 ``shift`` s corresponds to alpha = 1/s.
@@ -157,11 +166,17 @@ class CheersPipeline:
             return_hfi_maps: also return the HFI gate maps of every step.
             final_step: "release" (overshoot by 1/S as released) or "exact" (stop at t = 1).
             prefix_image: "dummy" (the release's random-noise prefix image) or None.
+            solver: "euler" (the release's), "multistep" (2nd order, same cost), "heun" or "midpoint" (2nd
+                order, 2S − 1 evaluations); default: the model's ``SamplingDefaults``.
+            guidance_interval: ``(t_lo, t_hi)``: guide only there (the unconditional branch is skipped
+                elsewhere); default: the model's (None: every step). ``(0, 1)`` guides everywhere.
         """
         d = self.defaults
         steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
         scale = d.guidance_scale if guidance_scale is None else guidance_scale
         alpha = d.shift if shift is None else shift
+        solver = check_solver(d.solver if solver is None else solver)
+        interval = check_guidance_interval(d.guidance_interval if guidance_interval is None else guidance_interval)
         # 1. check inputs
         prompts = self._prompt_list(prompt, "prompt")
         _check_number("num_inference_steps", steps, 1, 10_000, integer=True)
@@ -196,11 +211,12 @@ class CheersPipeline:
         # 4. sample
         out = self._run(inputs, uncond, steps=steps, cfg=scale, alpha=alpha, grid=grid, generator=generator,
                         latents=latents, final_step=final_step, callback=callback_on_step_end,
-                        return_gates=return_hfi_maps, edit=False)
+                        return_gates=return_hfi_maps, edit=False, solver=solver, interval=interval)
         # 5. decode
         images = [self._postprocess(out.images[i][0], out.latents[i][0], output_type) for i in range(n)]
         settings = dict(num_inference_steps=steps, guidance_scale=scale, shift=alpha, height=grid[0] * self._patch,
-                        width=grid[1] * self._patch, final_step=final_step, negative_prompt=negative_prompt)
+                        width=grid[1] * self._patch, final_step=final_step, negative_prompt=negative_prompt,
+                        solver=solver, guidance_interval=interval)
         maps = [out.gates[i][0] for i in range(n)] if return_hfi_maps else None
         return ImagePipelineOutput(images, expanded, settings, maps)
 
@@ -209,12 +225,18 @@ class CheersPipeline:
     def edit(self, image: Any, instruction: str, *, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, shift: float | None = None,
              generator: torch.Generator | None = None, output_type: str = "pil",
-             return_hfi_maps: bool = False, final_step: str = "release") -> ImagePipelineOutput:
-        """Edit ``image`` following ``instruction`` (the release's start: z = 0.1·encode(image) + 0.9·noise)."""
+             return_hfi_maps: bool = False, final_step: str = "release", solver: str | None = None,
+             guidance_interval: tuple[float, float] | None = None) -> ImagePipelineOutput:
+        """Edit ``image`` following ``instruction`` (the release's start: z = 0.1·encode(image) + 0.9·noise).
+
+        ``solver`` and ``guidance_interval`` as in :meth:`generate`.
+        """
         d = self.defaults
         steps = d.edit_num_inference_steps if num_inference_steps is None else num_inference_steps
         scale = d.edit_guidance_scale if guidance_scale is None else guidance_scale
         alpha = d.shift if shift is None else shift
+        solver = check_solver(d.solver if solver is None else solver)
+        interval = check_guidance_interval(d.guidance_interval if guidance_interval is None else guidance_interval)
         _check_number("num_inference_steps", steps, 2, 10_000, integer=True)
         _check_number("guidance_scale", scale, 0.0, 100.0)
         if output_type not in OUTPUT_TYPES:
@@ -224,9 +246,11 @@ class CheersPipeline:
         inputs = self.processor(messages=messages, images=[image], mode="edit")
         grid = self._grid(None, None)
         out = self._run(inputs, None, steps=steps, cfg=scale, alpha=alpha, grid=grid, generator=generator,
-                        latents=None, final_step=final_step, callback=None, return_gates=return_hfi_maps, edit=True)
+                        latents=None, final_step=final_step, callback=None, return_gates=return_hfi_maps, edit=True,
+                        solver=solver, interval=interval)
         images = [self._postprocess(out.images[0][0], out.latents[0][0], output_type)]
-        settings = dict(num_inference_steps=steps, guidance_scale=scale, shift=alpha, instruction=instruction)
+        settings = dict(num_inference_steps=steps, guidance_scale=scale, shift=alpha, instruction=instruction,
+                        solver=solver, guidance_interval=interval)
         return ImagePipelineOutput(images, [instruction], settings, [out.gates[0][0]] if return_hfi_maps else None)
 
     # -- understanding / chat ---------------------------------------------------------------------------------
@@ -234,7 +258,8 @@ class CheersPipeline:
     def chat(self, messages: list[dict] | list[list[dict]], images: Any = None, *, max_new_tokens: int = 256,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              repetition_penalty: float = 1.0, num_beams: int = 1, generator: torch.Generator | None = None,
-             stream: bool = False, prefix_image: str | None = "dummy") -> ChatOutput | Iterator[str]:
+             stream: bool = False, prefix_image: str | None = "dummy",
+             static_cache: bool = False) -> ChatOutput | Iterator[str]:
         """Answer a conversation (or a batch of them) with text.
 
         Args:
@@ -243,6 +268,7 @@ class CheersPipeline:
             images: the images of the ``{"type": "image"}`` items / placeholders, in order.
             stream: yield text pieces of the (single) answer as they are decoded.
             prefix_image: for conversations without an image, "dummy" prepends the release's random image.
+            static_cache: decode into a pre-allocated KV cache (same answers; for compiled / CUDA-graph decoding).
         """
         _check_number("max_new_tokens", max_new_tokens, 1, 100_000, integer=True)
         _check_number("num_beams", num_beams, 1, 64, integer=True)
@@ -260,7 +286,7 @@ class CheersPipeline:
             seqs = beam_search(self.model, ids, mask, pixels, num_beams=num_beams, max_new_tokens=max_new_tokens)
             return ChatOutput([self._decode_answer(s) for s in seqs], seqs)
         kwargs = dict(max_length=max_new_tokens - 1, sampling=sampling, generator=generator,
-                      latent_grid=self._grid(None, None))
+                      latent_grid=self._grid(None, None), static_cache=static_cache)
         if not stream:
             out = generate(self.model, ids, mask, pixels, **kwargs)
             return ChatOutput([self._decode_answer(s) for s in out.sequences], out.sequences)
@@ -355,7 +381,7 @@ class CheersPipeline:
         return None if px is None else px.to(self.device, next(self.model.parameters()).dtype)
 
     def _run(self, inputs, uncond, *, steps, cfg, alpha, grid, generator, latents, final_step, callback,
-             return_gates, edit) -> GenerationOutput:
+             return_gates, edit, solver="euler", interval=None) -> GenerationOutput:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=int(steps * 0.9) if edit else steps, desc="sampling", disable=not self.progress,
@@ -372,8 +398,8 @@ class CheersPipeline:
                 self._pixels(inputs), num_inference_steps=steps, cfg_scale=cfg if cfg not in (0, 1) else None,
                 alpha=alpha, edit_image=edit, max_length=0, generator=generator,
                 latents=None if latents is None else latents.to(self.device), latent_grid=grid,
-                final_step=final_step, callback=on_step, return_gates=return_gates,
-                uncond_input_ids=None if uncond is None else uncond["input_ids"].to(self.device),
+                final_step=final_step, callback=on_step, return_gates=return_gates, solver=solver,
+                guidance_interval=interval, uncond_input_ids=None if uncond is None else uncond["input_ids"].to(self.device),
                 uncond_attention_mask=None if uncond is None else uncond["attention_mask"].to(self.device))
         finally:
             bar.close()

@@ -1,7 +1,19 @@
-"""Stateless flow-ODE sampling: schedules, classifier-free guidance and Euler integration.
+"""Stateless flow-ODE sampling: schedules, classifier-free guidance and the ODE solvers.
 
 Works on any velocity callable ``v = velocity_fn(x, t, step)``; knows nothing about the network.
 The convention (t = 0 noise, t = 1 data, v = z1 − x0) is in :mod:`cheers.flow`.
+
+Solvers on the release's grid ``t_0 < … < t_{S-1} = 1`` (velocity evaluations per image in brackets):
+
+* ``euler`` (S): the release's loop, exactly (the default).
+* ``multistep`` (S): second-order Adams–Bashforth with variable steps, the velocity-form counterpart of
+  DPM-Solver++(2M): each step reuses the previous grid point's velocity, so it costs what Euler costs.
+* ``heun`` (2S − 1): the trapezoid rule, predictor at ``t_{n+1}``; second order.
+* ``midpoint`` (2S − 1): the explicit midpoint rule, second order.
+
+Every solver ends the same way: it evaluates the velocity at ``(x(1), 1)`` (so a caller's KV cache holds the
+final latent's tokens, as in the release) and, with ``final_step="release"``, adds it once more with step 1/S.
+That overshoot is first order by construction, so the higher orders show fully only with ``"exact"``.
 """
 
 from __future__ import annotations
@@ -13,7 +25,10 @@ import torch
 from cheers.flow import time_shift
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 FINAL_STEPS = ("release", "exact")
+SOLVERS = ("euler", "multistep", "heun", "midpoint")
+EVALS_PER_STEP = {"euler": 1, "multistep": 1, "heun": 2, "midpoint": 2}
 EDIT_START_T = 0.1  # the release starts editing from a latent mixed at t = 0.1 ...
 EDIT_STEP_FRACTION = 0.9  # ... and runs int(0.9·S) steps
 
@@ -43,10 +58,105 @@ def apply_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+def check_guidance_interval(interval) -> tuple[float, float] | None:
+    """Validate ``(t_lo, t_hi)`` with 0 <= t_lo <= t_hi <= 1 (or None: guide everywhere); returns a tuple."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be a pair (t_lo, t_hi) of numbers, got {interval!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got {interval!r}")
+    return lo, hi
+
+
+def in_guidance_interval(t: torch.Tensor | float, interval: tuple[float, float] | None) -> bool:
+    """Whether guidance applies at time t: ``t_lo <= t <= t_hi`` (always without an interval).
+
+    Guiding only over an interval of t (Kynkäänniemi et al., 2024) both helps quality and, outside the
+    interval, saves the unconditional branch's compute.
+    """
+    if interval is None:
+        return True
+    return interval[0] <= float(t) <= interval[1]
+
+
+def check_solver(solver: str) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    return solver
+
+
+def num_evaluations(solver: str, num_steps: int) -> int:
+    """Velocity evaluations for ``num_steps`` grid points (S for one-step solvers, 2S − 1 for two-stage)."""
+    return EVALS_PER_STEP[check_solver(solver)] * (num_steps - 1) + 1
+
+
+def sample(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, solver: str = "euler",
+           final_step: str = "release", callback: StepCallback | None = None) -> torch.Tensor:
+    """Integrate from ``timesteps[0]`` to 1 with ``solver`` (see the module docstring).
+
+    Args:
+        velocity_fn: ``v = f(x, t, step)`` with t a 0-d float32 tensor; ``step`` is the grid index n of the
+            interval being integrated (two-stage solvers call it twice with the same n).
+        x: (B, C, h, w) start latent.
+        timesteps: (S,) increasing, ending at 1.
+        solver: one of :data:`SOLVERS`.
+        final_step: ``"release"`` or ``"exact"`` (see :func:`euler_sample`).
+        callback: ``callback(n, t_n, x_n, v_n)`` once per grid point, after its velocity evaluation.
+    Returns:
+        The final latent (B, C, h, w).
+    """
+    if check_solver(solver) == "euler":
+        return euler_sample(velocity_fn, x, timesteps, final_step, callback)
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
+    steps = timesteps.shape[0]
+    work = torch.promote_types(x.dtype, torch.float32)  # stage combinations never in half precision
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (v_{n-1}, h_{n-1}) for the multistep solver
+
+    def evaluate(x_: torch.Tensor, t_: torch.Tensor, n: int) -> torch.Tensor:
+        v_ = velocity_fn(x_, t_, n)
+        if not torch.isfinite(v_).all():
+            raise FloatingPointError(f"the velocity at step {n} (t={float(t_):.4f}) has non-finite values")
+        return v_
+
+    for n in range(steps):
+        t = timesteps[n]
+        v = evaluate(x, t, n)
+        if callback is not None:
+            callback(n, t, x, v)
+        if not (bool(t != 1) and n < steps - 1):
+            return _add(x, v, 1.0 / steps) if final_step == "release" else x
+        h = timesteps[n + 1] - t
+        if solver == "heun":
+            v_end = evaluate(_add(x, v, h), timesteps[n + 1], n)
+            x = _add(x, v.to(work) + v_end.to(work), h / 2)
+        elif solver == "midpoint":
+            v_mid = evaluate(_add(x, v, h / 2), t + h / 2, n)
+            x = _add(x, v_mid, h)
+        elif previous is None:  # multistep: the first step has no history and is Euler's
+            x = _add(x, v, h)
+            previous = (v, h)
+        else:
+            v_prev, h_prev = previous
+            r = h / h_prev  # variable-step Adams–Bashforth 2: v_n + (r/2)·(v_n − v_{n-1})
+            x = _add(x, v.to(work) + (r / 2) * (v.to(work) - v_prev.to(work)), h)
+            previous = (v, h)
+    raise AssertionError("unreachable: the loop always returns at its last step")
+
+
+def _add(x: torch.Tensor, direction: torch.Tensor, h: torch.Tensor | float) -> torch.Tensor:
+    """``x + h·direction`` in at least float32, returned in x's dtype (half-precision latents stay so)."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(work) + direction.to(work) * h).to(x.dtype)
+
+
 def euler_sample(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor,
                  final_step: str = "release",
-                 callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Integrate from ``timesteps[0]`` to 1 with Euler steps.
+                 callback: StepCallback | None = None) -> torch.Tensor:
+    """Integrate from ``timesteps[0]`` to 1 with Euler steps: the release's loop, exactly.
 
     Args:
         velocity_fn: ``v = f(x, t, step)`` with t a 0-d float32 tensor.

@@ -1,0 +1,144 @@
+"""The language model's KV cache for generation: prefill a prompt, extend it, crop it back (SPEC §10.1).
+
+Dimension legend: R cache rows, T cache length (static cache: its capacity), Dt LLM width, V vocabulary.
+
+Every row is independent: each has its own valid keys (padding and invalidated entries are masked) and its
+own next position id. The cache is transformers' ``DynamicCache`` (grows by concatenation, the default) or,
+opt-in, a pre-allocated ``StaticCache`` (written in place, see :func:`to_static`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from cheers.models.cheers import Cheers
+
+
+@dataclass
+class LMState:
+    """The KV cache of R rows and, per row, which cached keys are real and the next position id.
+
+    With a dynamic cache (transformers' ``DynamicCache``, the default) the cache holds exactly T entries. With a
+    static one (``StaticCache``, :func:`to_static`) it is pre-allocated to a capacity, ``used`` entries are
+    written and ``key_valid`` spans the capacity (False past ``used``).
+    """
+
+    cache: object
+    key_valid: torch.Tensor  # (R, T) bool
+    next_pos: torch.Tensor  # (R,) long
+    last_logits: torch.Tensor  # (R, V) logits after the last real token of each row
+    used: int | None = None  # static cache: entries written; None for a dynamic cache
+
+    @property
+    def static(self) -> bool:
+        return self.used is not None
+
+    @property
+    def length(self) -> int:
+        return self.key_valid.shape[1] if self.used is None else self.used
+
+    def crop(self, length: int, next_pos: torch.Tensor) -> None:
+        """Drop every cache entry past ``length`` and restore the rows' next positions."""
+        if self.length > length:
+            if self.static:  # the entries stay in memory, masked, and are overwritten by the next ones
+                for layer in self.cache.layers:
+                    layer.cumulative_length.fill_(length)
+                self.key_valid[:, length:] = False
+                self.used = length
+            else:
+                self.cache.crop(length - self.length)  # a negative count removes that many entries
+                self.key_valid = self.key_valid[:, :length]
+        self.next_pos = next_pos.clone()
+
+    def first_rows(self, rows: int) -> LMState:
+        """A state over the first ``rows`` rows whose cache holds views of this one's keys and values (no copy).
+
+        Extending it leaves this state's metadata untouched; with a dynamic cache its tensors too, with a static
+        one the new entries are written into the shared memory, past this state's ``used`` (so masked here).
+        """
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:rows], layer.values[:rows]  # basic slicing: views
+            if self.static:
+                layer.cumulative_length = layer.cumulative_length.clone()
+        return LMState(cache, self.key_valid[:rows].clone(), self.next_pos[:rows], self.last_logits[:rows], self.used)
+
+
+def to_static(model: Cheers, state: LMState, capacity: int) -> LMState:
+    """Copy a prefilled dynamic cache into a pre-allocated ``StaticCache`` of ``capacity`` entries.
+
+    Decoding then writes in place instead of concatenating (the step's tensors keep their shapes, what
+    ``torch.compile`` and CUDA graphs need); each step attends over the whole capacity with the unused part
+    masked, which gives the dynamic path's tokens (``tests/test_understanding_cache.py``).
+    """
+    from transformers import StaticCache
+
+    if state.static:
+        return state
+    if capacity < state.length:
+        raise ValueError(f"a static cache of {capacity} entries cannot hold the {state.length} of the prompt")
+    cache = StaticCache(config=model.model.language_model.config, max_cache_len=capacity)
+    for i, layer in enumerate(state.cache.layers):
+        cache.update(layer.keys, layer.values, i)  # allocates (R, H, capacity, Dh), writes entries 0 … P-1
+    key_valid = torch.nn.functional.pad(state.key_valid, (0, capacity - state.length), value=False)
+    return LMState(cache, key_valid, state.next_pos, state.last_logits, used=state.length)
+
+
+def prefill(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            pixel_values: torch.Tensor | None, repeat_images: int = 1) -> LMState:
+    """Run the prompt (images at t = 1) and keep its cache; the last real position seeds decoding.
+
+    ``repeat_images`` > 1 tokenizes ``pixel_values`` once and feeds the tokens to that many copies of the
+    batch (the guidance branches share their images).
+    """
+    features = None
+    if pixel_values is not None:
+        features = model.model.image_features(pixel_values)
+        if repeat_images > 1:
+            features = dataclasses.replace(features, tokens=features.tokens.repeat(repeat_images, 1, 1))
+    out = model(input_ids, attention_mask, use_cache=True, image_features=features)
+    asm = out.assembled
+    last = (asm.lengths - 1).clamp(min=0)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    logits = out.logits[rows, last]  # (R, V)
+    return LMState(out.past_key_values, asm.valid.clone(), asm.lengths.clone(), logits)
+
+
+def extend(model: Cheers, state: LMState, embeds: torch.Tensor, active: torch.Tensor,
+           bidirectional: bool) -> torch.Tensor:
+    """Append T new positions per row to the cache; returns their final hidden states (R, T, Dt).
+
+    New tokens see every real cached key of their row and each other (all of them when ``bidirectional``,
+    else causally). Rows with ``active`` False compute but their entries are marked invalid and their
+    positions do not advance.
+    """
+    rows, new = embeds.shape[:2]
+    device = embeds.device
+    positions = state.next_pos[:, None] + torch.arange(new, device=device)  # (R, T)
+    if bidirectional:
+        block = torch.ones(new, new, dtype=torch.bool, device=device)
+    else:
+        block = torch.ones(new, new, dtype=torch.bool, device=device).tril()
+    past = state.key_valid[:, None, :].expand(rows, new, -1)  # (R, T, P), static: (R, T, capacity)
+    if state.static:
+        start = state.used
+        if start + new > state.key_valid.shape[1]:
+            raise RuntimeError(f"the static KV cache is full: {start} + {new} > {state.key_valid.shape[1]} entries")
+        mask = past.clone()
+        mask[:, :, start:start + new] = block
+        mask = mask[:, None]  # (R, 1, T, capacity)
+    else:
+        mask = torch.cat([past, block.expand(rows, -1, -1)], dim=-1)[:, None]  # (R, 1, T, P+T)
+    out = model.run_language_model(embeds, mask, positions, state.cache, use_cache=True)
+    if state.static:
+        state.key_valid[:, start:start + new] = active[:, None]
+        state.used = start + new
+    else:
+        state.key_valid = torch.cat([state.key_valid, active[:, None].expand(rows, new)], dim=1)
+    state.next_pos = state.next_pos + active.long() * new
+    return out.last_hidden_state

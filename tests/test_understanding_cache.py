@@ -1,0 +1,87 @@
+"""The opt-in static (pre-allocated) KV cache gives what the default dynamic cache gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cheers.generation import extend, generate, prefill, to_static
+
+from model_helpers import TINY_SPECIAL, t2i_prompt, tiny_model
+
+S = TINY_SPECIAL
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=6)
+
+
+def padded_understanding_prompts():
+    rows = [[S.chat_start, S.im_start, S.image_marker, S.im_end, *words, S.chat_end, S.newline, S.chat_start]
+            for words in ([40, 41, 42, 43, 44], [50])]
+    width = max(map(len, rows))
+    ids, mask = torch.full((2, width), S.pad), torch.zeros(2, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return ids, mask, torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def test_static_decode_steps_match_the_dynamic_ones(model):
+    ids, mask, images = padded_understanding_prompts()
+    with torch.no_grad():
+        dynamic = prefill(model, ids, mask, images)
+        static = to_static(model, prefill(model, ids, mask, images), dynamic.length + 8)
+        active = torch.ones(2, dtype=torch.bool)
+        token = dynamic.last_logits.argmax(-1)
+        for _ in range(6):
+            embeds = model.model.language_model.embed_tokens(token[:, None])
+            a = extend(model, dynamic, embeds, active, bidirectional=False)
+            b = extend(model, static, embeds, active, bidirectional=False)
+            assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+            token = model.lm_head(a[:, -1]).argmax(-1)
+        assert static.length == dynamic.length and torch.equal(static.key_valid[:, : static.length],
+                                                                dynamic.key_valid)
+        with pytest.raises(RuntimeError, match="static KV cache is full"):
+            extend(model, static, model.model.language_model.embed_tokens(token[:, None]).expand(-1, 3, -1),
+                   active, bidirectional=False)
+
+
+def test_generate_with_a_static_cache_gives_the_same_answers(model):
+    ids, mask, images = padded_understanding_prompts()
+    kw = dict(max_length=12, latent_grid=(4, 4))
+    assert generate(model, ids, mask, images, static_cache=True, **kw).sequences == \
+        generate(model, ids, mask, images, **kw).sequences
+
+
+def test_static_cache_through_images_guidance_and_intervals():
+    """Interleaved images (crops of the static cache) with guidance, partly over an interval."""
+    biased = tiny_model(seed=6)
+    head = nn.Linear(32, 512, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(biased.lm_head.weight)
+        head.bias.zero_()
+        head.bias[S.im_start] = 1e4  # the model always wants another image
+    biased.lm_head = head
+    noise = torch.randn(1, 32, 4, 4, generator=torch.Generator().manual_seed(0))
+    dummy = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    for interval in (None, (0.0, 0.6)):  # (0, 0.6): the last evaluation of each image is conditional only
+        kw = dict(num_inference_steps=2, cfg_scale=2.0, max_length=2 * 4 + 1, latents=noise,
+                  guidance_interval=interval, generator=torch.Generator().manual_seed(1))
+        dyn = generate(biased, t2i_prompt([5]), None, dummy, **kw)
+        kw["generator"] = torch.Generator().manual_seed(1)
+        sta = generate(biased, t2i_prompt([5]), None, dummy, static_cache=True, **kw)
+        assert sta.sequences == dyn.sequences == [[S.im_end, S.im_start, S.im_end, S.im_start]]
+        for a, b in zip(sta.latents[0], dyn.latents[0]):
+            assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_pipeline_chat_with_a_static_cache():
+    from model_helpers import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=5)
+    image = torch.rand(3, 64, 64)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    assert pipe.chat(msgs, images=[image], max_new_tokens=5, static_cache=True).token_ids == \
+        pipe.chat(msgs, images=[image], max_new_tokens=5).token_ids
