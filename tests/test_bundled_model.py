@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cheers.assets import BUNDLED_DIR, has_bundled_model
-from cheers.eval.shapes_bench import ShapesBenchConfig, shapes_vqa
+from cheers.eval.scorecard import agreement, load_scorecard
+from cheers.eval.shapes_bench import ShapesBenchConfig, run_shapes_bench, shapes_vqa
 from cheers.models.cheers import Cheers
 from cheers.pipeline import CheersPipeline
 
@@ -31,3 +32,14 @@ def test_bundled_model_is_the_default_and_draws_an_image():
     assert pipe.model.config.image_size == 64 and pipe.defaults.num_inference_steps == 20
     image = pipe.generate("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_shapesbench_reproduces_the_shipped_scorecard(tmp_path):
+    """The README's scorecard (assets/cheers-tiny-shapes/scorecard.json, per-item verdicts of the full run)
+    is reproduced item by item by a quick rerun over its first items."""
+    card = load_scorecard(BUNDLED_DIR)
+    pipe = CheersPipeline.from_pretrained(BUNDLED_DIR, device="cpu", progress=False)
+    cfg = ShapesBenchConfig(n=2, num_images=card["config"]["num_images"], tasks=tuple(card["config"]["tasks"]))
+    report = run_shapes_bench(pipe, tmp_path, cfg, model_name="bundled", progress=False)
+    agree, compared = agreement(card, report)
+    assert compared >= 30 and agree >= 0.9, (agree, compared)

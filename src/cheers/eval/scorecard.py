@@ -35,7 +35,8 @@ def make_scorecard(report: dict[str, Any], command: str) -> dict[str, Any]:
                             "resolution": report["resolution"], "seconds": report["seconds"]}
     if "geneval" in report:
         g = report["geneval"]
-        card["geneval"] = {"summary": g["summary"], "hf_fidelity": g["hf_fidelity"], "n_images": g["n_images"]}
+        card["geneval"] = {"summary": g["summary"], "hf_fidelity": g["hf_fidelity"], "n_images": g["n_images"],
+                           "vae_ceiling": g.get("vae_ceiling")}
     if "vqa" in report:
         card["vqa"] = report["vqa"]["report"]
     if "edit" in report:
