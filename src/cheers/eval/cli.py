@@ -43,6 +43,9 @@ def _sampling_args(p: argparse.ArgumentParser, num_images: int = 4) -> None:
         "--seed", type=int, default=0, help="base seed: image k of prompt i uses seed + 1000 i + k"
     )
     p.add_argument("--batch-size", type=int, default=4, help="images per model call (speed only)")
+    p.add_argument("--solver", default=None, help="euler | multistep | heun | midpoint (default: the model's)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                   help="guide only for t in [T_LO, T_HI] (default: the model's, normally everywhere)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument(
         "--template",
@@ -66,6 +69,8 @@ def _settings(args: argparse.Namespace):
         seed=args.seed,
         prompt_template=args.template,
         batch_size=args.batch_size,
+        solver=args.solver,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
     )
 
 

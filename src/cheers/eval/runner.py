@@ -116,8 +116,15 @@ class SamplingSettings:
     seed: int = 0
     prompt_template: str = "{prompt}"
     batch_size: int = 4
+    solver: str | None = None
+    guidance_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        from cheers.sampling import check_guidance_interval, check_solver
+
+        if self.solver is not None:
+            check_solver(self.solver)
+        object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))  # frozen
         if not 1 <= self.num_images <= SEED_STRIDE:
             raise ValueError(
                 f"num_images must be in [1, {SEED_STRIDE}] (seeds are seed + 1000 * i + k), "
@@ -143,6 +150,8 @@ class SamplingSettings:
             else self.num_inference_steps,
             guidance_scale=d.guidance_scale if self.guidance_scale is None else self.guidance_scale,
             shift=d.shift if self.shift is None else self.shift,
+            solver=d.solver if self.solver is None else self.solver,
+            guidance_interval=d.guidance_interval if self.guidance_interval is None else self.guidance_interval,
             height=self.height or size,
             width=self.width or size,
         )
@@ -151,6 +160,8 @@ class SamplingSettings:
         """The fields that change the images (batch_size does not)."""
         out = asdict(self)
         out.pop("batch_size")
+        if out["guidance_interval"] is not None:
+            out["guidance_interval"] = list(out["guidance_interval"])  # as JSON reads it back
         return out
 
 
@@ -217,6 +228,8 @@ def seeded_images(pipe, prompt: str, seeds: Sequence[int], settings: SamplingSet
             num_inference_steps=s.num_inference_steps,
             guidance_scale=s.guidance_scale,
             shift=s.shift,
+            solver=s.solver,
+            guidance_interval=s.guidance_interval,
             generator=generators,
             latents=latents,
             output_type="pil",
