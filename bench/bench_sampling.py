@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--optimize", default="", help="comma-separated opt-in speed settings for our path: "
+                    "channels_last, compile (CheersPipeline.optimize); the release-style loop stays plain")
     ap.add_argument("--solvers", default="", help="comma-separated solvers to time as well (e.g. multistep,heun)")
     ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
                     help="also time our sampler guiding only over [T_LO, T_HI] (per solver in --solvers)")
@@ -72,6 +74,22 @@ def main() -> None:
     solvers = [check_solver(x) for x in args.solvers.split(",") if x]
     dtype = getattr(torch, args.dtype)
     model = build(args.preset, args.device, dtype)
+    fast = model
+    opts = {x for x in args.optimize.split(",") if x}
+    unknown = opts - {"channels_last", "compile"}
+    if unknown:
+        ap.error(f"unknown --optimize settings {sorted(unknown)}")
+    if opts:  # an optimised copy with the same weights, so the baseline keeps the plain layout
+        import copy
+
+        fast = copy.deepcopy(model)
+        core = fast.model
+        if "channels_last" in opts:
+            for part in (core.vae_model, core.vae_decoder_projector):
+                part.to(memory_format=torch.channels_last)
+        if "compile" in opts:
+            for name in ("vae_decoder_projector", "gen_projector", "hi_projector"):
+                setattr(core, name, torch.compile(getattr(core, name)))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     size = model.config.image_size
     grid = (size // model.config.patch_size,) * 2
@@ -81,7 +99,7 @@ def main() -> None:
     kw = dict(num_inference_steps=args.steps, cfg_scale=args.guidance, alpha=0.5)
 
     def ours(batch: int = 1, **options):
-        return generate(model, ids.expand(batch, -1), None, dummy.expand(batch, -1, -1, -1),
+        return generate(fast, ids.expand(batch, -1), None, dummy.expand(batch, -1, -1, -1),
                         latents=noise.expand(batch, -1, -1, -1), max_length=0, **kw, **options)
 
     def release():
@@ -97,7 +115,8 @@ def main() -> None:
         t_rel = timed(release, args.repeats, sync)
         t_ours = timed(ours, args.repeats, sync)
         print(f"preset={args.preset} device={args.device} dtype={args.dtype} steps={args.steps} "
-              f"guidance={args.guidance} image={size}px threads={torch.get_num_threads()}")
+              f"guidance={args.guidance} image={size}px threads={torch.get_num_threads()} "
+              f"optimize={','.join(sorted(opts)) or 'none'}")
         print(f"max |ours - release-style| on the image: {diff:.2e}")
         for label, t in (("release-style", t_rel), ("ours", t_ours)):
             f = flops[label]
