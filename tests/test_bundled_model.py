@@ -43,3 +43,16 @@ def test_shapesbench_reproduces_the_shipped_scorecard(tmp_path):
     report = run_shapes_bench(pipe, tmp_path, cfg, model_name="bundled", progress=False)
     agree, compared = agreement(card, report)
     assert compared >= 30 and agree >= 0.9, (agree, compared)
+
+
+def test_vae_ceiling_of_a_directory_matches_the_models_own_vae(tmp_path):
+    from cheers.data.shapes import render_scene
+    from cheers.eval.shapes_bench import geneval_items, load_vae_model, vae_ceiling, vae_ceiling_of
+
+    pipe = CheersPipeline.from_pretrained(BUNDLED_DIR, device="cpu", progress=False)
+    items = geneval_items(2)
+    direct = vae_ceiling(pipe.model.model.vae_model, items, [render_scene(s, 64) for _, s in items])
+    assert vae_ceiling_of(BUNDLED_DIR, n=2) == direct and 0 <= direct["overall"] <= 1
+    (tmp_path / "config.json").write_text('{"vae_encoder_config": {"ch": 7}}')
+    with pytest.raises(ValueError, match="vae_decoder_config"):
+        load_vae_model(tmp_path)

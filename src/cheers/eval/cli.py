@@ -181,6 +181,14 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vae_ceiling(args: argparse.Namespace) -> int:
+    from .shapes_bench import vae_ceiling_of
+
+    summary = vae_ceiling_of(args.vae, args.n)
+    print(" ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    return 0
+
+
 def cmd_plot_curves(args: argparse.Namespace) -> int:
     from .plots import plot_curves
 
@@ -272,6 +280,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                    help="also write the compact scorecard (summaries + per-item verdicts) that ships with a model")
     _model_args(s)
     s.set_defaults(func=cmd_shapes)
+
+    v = sub.add_parser("vae-ceiling", help="ShapesGenEval of reference renders through a VAE: the best a "
+                                           "generator could score through it (check a stage-0 VAE with it)")
+    v.add_argument("vae", help="a stage-0 output (<run>/vae) or a release-layout model directory")
+    v.add_argument("--n", type=int, default=20, help="prompts per GenEval tag (default 20)")
+    v.set_defaults(func=cmd_vae_ceiling)
     return p
 
 

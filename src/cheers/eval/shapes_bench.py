@@ -164,7 +164,7 @@ def shapes_geneval(
     contact_sheet(tiles, cols=max(cfg.num_images, 4)).save(out / "geneval_sheet.png")
     return {
         "summary": summary,
-        "vae_ceiling": vae_ceiling(pipe, items, references),
+        "vae_ceiling": vae_ceiling(pipe.model.model.vae_model, items, references),
         "hf_fidelity": hf_fidelity(generated, references),
         "n_prompts": len(items),
         "n_images": len(verdicts),
@@ -181,10 +181,9 @@ def shapes_geneval(
 
 
 @torch.no_grad()
-def vae_ceiling(pipe, items: list[tuple[dict[str, Any], Any]], references: list[Image.Image]) -> dict[str, float]:
-    """ShapesGenEval of the reference renders passed through the model's VAE (encode -> decode): the best
+def vae_ceiling(vae, items: list[tuple[dict[str, Any], Any]], references: list[Image.Image]) -> dict[str, float]:
+    """ShapesGenEval of the reference renders passed through ``vae`` (a VAEModel: encode -> decode): the best
     score a generator whose latents were perfect could reach through this VAE."""
-    vae = pipe.model.model.vae_model
     param = next(vae.parameters())
     results = []
     for start in range(0, len(references), 32):
@@ -195,6 +194,51 @@ def vae_ceiling(pipe, items: list[tuple[dict[str, Any], Any]], references: list[
         for (spec, _), arr in zip(items[start:start + 32], y):
             results.append((spec["tag"], score_spec(parse_image(arr), spec).correct))
     return summarize_geneval(results)
+
+
+def load_vae_model(directory: str | Path):
+    """The VAEModel of a stage-0 output or a release-layout model directory (its config.json's VAE sub-configs
+    and its ``vae_model`` weights, loaded strictly)."""
+    from cheers import checkpoint as ckpt
+    from cheers.config import VAEDecoderConfig, VAEEncoderConfig
+    from cheers.models.vae import VAEModel
+
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: give a stage-0 output (<run>/vae) or a model directory")
+    raw = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        enc, dec = (
+            cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw[key].items()})
+            for cls, key in ((VAEEncoderConfig, "vae_encoder_config"), (VAEDecoderConfig, "vae_decoder_config"))
+        )
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{config_path} has no usable vae_encoder_config / vae_decoder_config ({err})") from None
+    vae = VAEModel(enc, dec)
+    state = {}
+    for name, tensor in ckpt.load_state_dict(directory).items():
+        name = name.removeprefix("model.").removeprefix("vae_model.")
+        if name.startswith(("encoder.", "decoder.", "bn.")):
+            state[name] = tensor
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory}: the VAE weights do not match its config (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]})")
+    return vae.eval()
+
+
+def vae_ceiling_of(directory: str | Path, n: int = 20) -> dict[str, float]:
+    """:func:`vae_ceiling` of a VAE directory on the ShapesGenEval items of ``n`` prompts per tag."""
+    vae = load_vae_model(directory)
+    items = geneval_items(n)
+    res = check_resolution(_vae_resolution(directory))
+    return vae_ceiling(vae, items, [render_scene(scene, res) for _, scene in items])
+
+
+def _vae_resolution(directory: str | Path) -> int:
+    raw = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    return int(raw["vae_encoder_config"]["resolution"])
 
 
 # -- ShapesVQA -----------------------------------------------------------------------------------------------
