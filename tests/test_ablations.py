@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cheers.eval.ablations import AblationConfig, PAIR_SPECS, compare, run_ablations, run_specs, verdict
+from cheers.eval.ablations import PAIR_SPECS, AblationConfig, compare, run_ablations, run_specs, verdict
 from cheers.models.pretrained import from_pretrained
 from test_training_cli import cheers
 from test_training_fixtures import one_thread  # noqa: F401
