@@ -29,6 +29,19 @@ def tiny_model(seed: int = 0, **overrides) -> Cheers:
     return randomize_heads(Cheers(cfg, special=TINY_SPECIAL), seed).eval()
 
 
+def image_hungry_model(seed: int) -> Cheers:
+    """A tiny model whose LM head always wants another image (a huge bias on <im_start>): drives interleaved
+    image/text generation deterministically."""
+    model = tiny_model(seed=seed)
+    head = torch.nn.Linear(model.config.text.hidden_size, model.config.text.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[TINY_SPECIAL.im_start] = 1e4
+    model.lm_head = head
+    return model
+
+
 def t2i_prompt(words: list[int], special: SpecialTokens = TINY_SPECIAL) -> torch.Tensor:
     """A chat-shaped text-to-image prompt ending in <im_start>: (1, L)."""
     s = special

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from cheers.beam_search import beam_search
 from cheers.generation import generate
 from cheers.models.pretrained import from_pretrained, save_pretrained
 from cheers.text_sampling import TextSampling, filter_logits, penalize_repetition
 
-from model_helpers import TINY_SPECIAL, t2i_prompt, tiny_model
+from model_helpers import TINY_SPECIAL, image_hungry_model, t2i_prompt, tiny_model
 
 S = TINY_SPECIAL
 
@@ -79,13 +78,7 @@ def test_exact_final_step_stops_at_t1(model):
 
 
 def test_interleaved_images_and_text(model):
-    biased = tiny_model(seed=3)
-    head = nn.Linear(32, 512, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(biased.lm_head.weight)
-        head.bias.zero_()
-        head.bias[S.im_start] = 1e4  # the model always wants another image
-    biased.lm_head = head
+    biased = image_hungry_model(seed=3)
     n = 16
     out = generate(biased, t2i_prompt([5]), None, torch.rand(1, 3, 128, 128), num_inference_steps=2,
                    max_length=2 * n + 1, return_gates=True)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from cheers.generation import extend, generate, prefill, to_static
 
-from model_helpers import TINY_SPECIAL, t2i_prompt, tiny_model
+from model_helpers import TINY_SPECIAL, image_hungry_model, t2i_prompt, tiny_model
 
 S = TINY_SPECIAL
 
@@ -57,13 +56,7 @@ def test_generate_with_a_static_cache_gives_the_same_answers(model):
 
 def test_static_cache_through_images_guidance_and_intervals():
     """Interleaved images (crops of the static cache) with guidance, partly over an interval."""
-    biased = tiny_model(seed=6)
-    head = nn.Linear(32, 512, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(biased.lm_head.weight)
-        head.bias.zero_()
-        head.bias[S.im_start] = 1e4  # the model always wants another image
-    biased.lm_head = head
+    biased = image_hungry_model(seed=6)
     noise = torch.randn(1, 32, 4, 4, generator=torch.Generator().manual_seed(0))
     dummy = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     for interval in (None, (0.0, 0.6)):  # (0, 0.6): the last evaluation of each image is conditional only
