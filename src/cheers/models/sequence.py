@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,13 +51,18 @@ def assemble(
         labels: optional (B, L) labels aligned with ``input_ids``.
         max_length: truncate every row to this many positions.
     """
-    batch = input_ids.shape[0]
-    marker_t = torch.tensor(markers, device=input_ids.device)
-    keep = attention_mask.bool()
-    rows = [input_ids[b][keep[b]] for b in range(batch)]
-    row_labels = [labels[b][keep[b]] for b in range(batch)] if labels is not None else None
-    n_markers = [int(torch.isin(r, marker_t).sum()) for r in rows]
+    batch, device = input_ids.shape[0], input_ids.device
+    # The layout is planned on the host in one transfer (per-row device ops would cost a launch and a sync
+    # each); the device then does one embedding lookup, one gather of image tokens and one select.
+    ids_np = input_ids.detach().cpu().numpy()
+    keep_np = attention_mask.detach().cpu().numpy().astype(bool)
+    labels_np = labels.detach().cpu().numpy() if labels is not None else None
+    markers_np = np.asarray(markers, dtype=ids_np.dtype)
+    rows = [ids_np[b][keep_np[b]] for b in range(batch)]
+    row_labels = [labels_np[b][keep_np[b]] for b in range(batch)] if labels_np is not None else None
+    n_markers = [int(np.isin(r, markers_np).sum()) for r in rows]
     n_img = 0 if image_tokens is None else image_tokens.shape[0]
+    per_image = 0 if image_tokens is None else image_tokens.shape[1]
     markerless = sum(1 for n in n_markers if n == 0)
     if n_img == sum(n_markers) + markerless:
         prefix_rows = True
@@ -67,72 +73,81 @@ def assemble(
             f"the batch has {sum(n_markers)} image marker(s) and {markerless} row(s) without a marker, but "
             f"{n_img} image(s) were given: expected {sum(n_markers)} (no prefix images) or "
             f"{sum(n_markers) + markerless} (one prefix image per row without a marker)")
-    dim = embed_tokens.embedding_dim
-    dtype = embed_tokens.weight.dtype if image_tokens is None else image_tokens.dtype
-    images = iter(image_tokens) if image_tokens is not None else iter(())
-    pieces = []
+    plans = []
+    next_image = 0
     for b, ids in enumerate(rows):
-        row = _RowBuilder(ids, row_labels[b] if row_labels is not None else None, embed_tokens, dtype)
+        row = _RowPlan(ids, row_labels[b] if row_labels is not None else None, per_image)
         if n_markers[b] == 0:
             if prefix_rows:
-                row.add_image(next(images), flagged=False, marker=markers[0])
-            row.add_text(slice(None))
+                row.add_image(next_image, flagged=False, marker=markers[0])
+                next_image += 1
+            row.add_text(0, len(ids))
         else:
             start = 0
-            for pos in torch.nonzero(torch.isin(ids, marker_t)).flatten().tolist():
-                row.add_text(slice(start, pos))
-                row.add_image(next(images), flagged=True, marker=int(ids[pos]))
+            for pos in np.nonzero(np.isin(ids, markers_np))[0].tolist():
+                row.add_text(start, pos)
+                row.add_image(next_image, flagged=True, marker=int(ids[pos]))
+                next_image += 1
                 start = pos + 1
-            row.add_text(slice(start, None))
-        pieces.append(row.build(max_length))
+            row.add_text(start, len(ids))
+        plans.append(row.build(max_length))
 
-    lengths = torch.tensor([p[0].shape[0] for p in pieces], device=input_ids.device)
-    width = int(lengths.max())
-    embeds = input_ids.new_zeros((batch, width, dim), dtype=dtype)
-    image_flags = torch.zeros(batch, width, dtype=torch.bool, device=input_ids.device)
-    image_slots = torch.zeros_like(image_flags)
-    valid = torch.zeros_like(image_flags)
-    out_labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
-    for b, (e, f, s, lab) in enumerate(pieces):
-        n = e.shape[0]
-        embeds[b, :n], image_flags[b, :n], image_slots[b, :n], valid[b, :n], out_labels[b, :n] = e, f, s, True, lab
-    return Assembled(embeds, image_flags, image_slots, valid, out_labels if labels is not None else None, lengths)
+    lengths_np = np.asarray([p[0].shape[0] for p in plans], dtype=np.int64)
+    width = int(lengths_np.max())
+    text_ids = np.zeros((batch, width), dtype=np.int64)
+    image_index = np.full((batch, width), -1, dtype=np.int64)
+    flags_np = np.zeros((batch, width), dtype=bool)
+    slots_np = np.zeros((batch, width), dtype=bool)
+    valid_np = np.zeros((batch, width), dtype=bool)
+    labels_out = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
+    for b, (t_ids, i_idx, f, s_, lab) in enumerate(plans):
+        n = t_ids.shape[0]
+        text_ids[b, :n], image_index[b, :n], flags_np[b, :n], slots_np[b, :n] = t_ids, i_idx, f, s_
+        valid_np[b, :n], labels_out[b, :n] = True, lab
+
+    def to_device(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device, non_blocking=True)
+
+    dim = embed_tokens.embedding_dim
+    dtype = embed_tokens.weight.dtype if image_tokens is None else image_tokens.dtype
+    valid = to_device(valid_np)
+    text_pos = valid & to_device(~slots_np)
+    index = to_device(image_index)
+    embeds = torch.where(text_pos[..., None], embed_tokens(to_device(text_ids)).to(dtype), 0)
+    if image_tokens is not None and n_img:
+        gathered = image_tokens.reshape(-1, dim)[index.clamp(min=0)]  # (B, L', Dt)
+        embeds = torch.where((index >= 0)[..., None], gathered, embeds)
+    return Assembled(embeds, to_device(flags_np), to_device(slots_np), valid,
+                     to_device(labels_out) if labels is not None else None, to_device(lengths_np))
 
 
-class _RowBuilder:
-    """Collects one expanded row: embeddings, image flags, image slots and labels, piece by piece."""
+class _RowPlan:
+    """One expanded row as host arrays, piece by piece: text ids, image-token indices (-1 at text), image
+    flags, image slots and labels."""
 
-    def __init__(self, ids: torch.Tensor, labels: torch.Tensor | None, embed_tokens: nn.Embedding,
-                 dtype: torch.dtype) -> None:
-        self.ids, self.labels, self.embed_tokens, self.dtype = ids, labels, embed_tokens, dtype
-        self.embs: list[torch.Tensor] = []
-        self.flags: list[torch.Tensor] = []
-        self.slots: list[torch.Tensor] = []
-        self.labs: list[torch.Tensor] = []
+    def __init__(self, ids: np.ndarray, labels: np.ndarray | None, per_image: int) -> None:
+        self.ids, self.labels, self.per_image = ids, labels, per_image
+        self.parts: list[tuple[np.ndarray, ...]] = []
 
-    def _add(self, emb: torch.Tensor, flag: bool, slot: bool, lab: torch.Tensor) -> None:
-        n = emb.shape[0]
-        self.embs.append(emb)
-        self.flags.append(torch.full((n,), flag, dtype=torch.bool, device=self.ids.device))
-        self.slots.append(torch.full((n,), slot, dtype=torch.bool, device=self.ids.device))
-        self.labs.append(lab)
+    def add_image(self, k: int, flagged: bool, marker: int) -> None:
+        """The N tokens of image ``k``; ``flagged`` ones form a bidirectional block, prefixed ones do not."""
+        n = self.per_image
+        self.parts.append((np.zeros(n, np.int64), np.arange(k * n, (k + 1) * n, dtype=np.int64),
+                           np.full(n, flagged), np.ones(n, bool), np.full(n, marker, np.int64)))
 
-    def add_image(self, tokens: torch.Tensor, flagged: bool, marker: int) -> None:
-        """N image tokens (N, Dt); ``flagged`` ones form a bidirectional block, prefixed ones do not."""
-        lab = torch.full((tokens.shape[0],), marker, dtype=torch.long, device=self.ids.device)
-        self._add(tokens, flagged, True, lab)
+    def add_text(self, start: int, stop: int) -> None:
+        seg = self.ids[start:stop]
+        if seg.size:
+            lab = self.labels[start:stop] if self.labels is not None else seg
+            n = seg.size
+            self.parts.append((seg.astype(np.int64), np.full(n, -1, np.int64), np.zeros(n, bool),
+                               np.zeros(n, bool), lab.astype(np.int64)))
 
-    def add_text(self, span: slice) -> None:
-        seg = self.ids[span]
-        if seg.numel():
-            lab = self.labels[span] if self.labels is not None else seg
-            self._add(self.embed_tokens(seg).to(self.dtype), False, False, lab)
-
-    def build(self, max_length: int | None):
-        if not self.embs:
+    def build(self, max_length: int | None) -> tuple[np.ndarray, ...]:
+        if not self.parts:
             raise ValueError("a row of the batch is empty (its attention mask has no 1)")
-        parts = (torch.cat(self.embs), torch.cat(self.flags), torch.cat(self.slots), torch.cat(self.labs))
-        return tuple(x[:max_length] for x in parts) if max_length is not None else parts
+        out = tuple(np.concatenate(cols) for cols in zip(*self.parts))
+        return tuple(x[:max_length] for x in out) if max_length is not None else out
 
 
 def _run_ids(flags: torch.Tensor) -> torch.Tensor:
