@@ -95,3 +95,35 @@ def test_lr_schedule_warmup_then_constant_or_cosine():
     assert cosine[2] == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
     assert lr_factor(99, total, 0.0, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_step_budget_fits_the_schedule_to_the_clock(monkeypatch):
+    """train.minutes: the total is re-fitted from the measured rate, the cosine ends at the deadline."""
+    import torch
+
+    from cheers.training import optim
+    from cheers.training.config import TrainSection
+    from cheers.training.optim import StepBudget, build_scheduler
+
+    clock = [1000.0]
+    monkeypatch.setattr(optim.time, "monotonic", lambda: clock[0])
+    train = TrainSection(lr=1.0, steps=100_000, schedule="cosine", minutes=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, train)
+    budget = StepBudget(train.minutes, 0, train.steps, sched, skip=10, every=10)
+    totals = []
+    for done in range(1, 10_000):
+        clock[0] += 0.1  # 10 steps/s: 60 s hold about 600 steps
+        total = budget.update(done)
+        totals.append(total)
+        if done >= total:
+            break
+    assert totals[5] == 100_000  # nothing measured yet: the upper bound
+    assert 590 <= done <= 601 and totals[-1] == done
+    assert abs(totals[100] - 600) <= 2  # fitted early from the rate
+    assert sched.lr_lambdas[0].total == done
+    for _ in range(done):
+        sched.step()
+    assert opt.param_groups[0]["lr"] < 1e-4  # the cosine reached its end with the budget
+    with pytest.raises(ValueError, match="minutes"):
+        StepBudget(0, 0, 10, None)

@@ -100,7 +100,8 @@ class TrainSection:
     schedule: str = "constant"  # constant | cosine (both after a linear warm-up)
     warmup_ratio: float = 0.02
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
-    steps: int = 1000  # optimizer steps
+    steps: int = 1000  # optimizer steps (the upper bound when minutes is set)
+    minutes: float = 0.0  # > 0: fit the run (schedule included) to this many minutes of training steps
     micro_batch: int = 1  # samples per forward, per process
     global_batch: int = 1  # samples per optimizer step over all processes (accumulation fills the gap)
     weight_decay: float = 0.0

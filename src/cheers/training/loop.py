@@ -35,7 +35,7 @@ from cheers.training.data import (
 )
 from cheers.training.hooks import Hook, default_hooks, run_hooks
 from cheers.training.monitor import Monitor
-from cheers.training.optim import build_optimizer, build_scheduler, trainable_parameters
+from cheers.training.optim import StepBudget, build_optimizer, build_scheduler, trainable_parameters
 from cheers.training.parts import build_model, build_processor, model_config
 from cheers.training.samples import SampleBuilder
 from cheers.training.sources import Source
@@ -195,15 +195,22 @@ class Trainer:
         hooks = [*default_hooks(r.log, uses_shapes), *self.extra_hooks]
         autocast = autocast_context(r.engine.precision, info.device)
         result = TrainResult(self.run_dir, start)
-        last = t.steps if self.stop_after is None else min(t.steps, start + self.stop_after)
+        stop = t.steps if self.stop_after is None else start + self.stop_after
+        last = min(t.steps, stop)
         logger.info("training steps %d..%d of %d: global batch %d = %d x %d accumulation x %d processes", start + 1,
                     last, t.steps, t.global_batch, t.micro_batch, accumulation, info.world_size)
+        budget = StepBudget(t.minutes, start, t.steps, scheduler) if t.minutes > 0 else None
         # 8. the loop
         try:
-            for step in range(start, last):
+            step = start
+            while step < last:
                 metrics = self._step(module, batches, accumulation, params, optimizer, scheduler, tracker, info,
                                      autocast)
-                done = step + 1
+                done = step = step + 1
+                if budget is not None:  # the run's length is what the budget fits (export and resume read it)
+                    t.steps = budget.update(done)
+                    last = min(t.steps, stop)
+                    monitor.set_total(t.steps)
                 metrics["samples"], metrics["corrupt"] = done * t.global_batch, tracker.corrupt
                 monitor.advance()
                 if done % max(r.log.every, 1) == 0 or done in (start + 1, last):
@@ -222,6 +229,9 @@ class Trainer:
                 result.step = done
         finally:
             monitor.close()
+        if budget is not None and info.is_main:
+            logger.info("time budget of %.1f min: trained to step %d", t.minutes, result.step)
+            (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))  # with the fitted train.steps
         # 9. export
         if r.checkpoint.export and result.step == t.steps:
             export = self.run_dir / "export"

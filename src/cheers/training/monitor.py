@@ -85,6 +85,12 @@ class Monitor:
             self.bar.set_postfix({short: _fmt(metrics[key]) for key, short in _BAR_KEYS.items() if key in metrics},
                                  refresh=False)
 
+    def set_total(self, total_steps: int) -> None:
+        """The run's length changed (a time budget re-fitted it)."""
+        if self.bar is not None and self.bar.total != total_steps:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)

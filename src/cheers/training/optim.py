@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 
 import torch
@@ -65,3 +66,39 @@ class _Factor:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> LambdaLR:
     return LambdaLR(optimizer, _Factor(train))
+
+
+class StepBudget:
+    """Fits a run's length to a wall-clock budget: ``train.minutes`` of training steps, schedule included.
+
+    The rate is measured from ``skip`` steps after the start (the first steps pay for warm-up work) and the
+    run's total steps are re-fitted every ``every`` steps, so the warm-up and the cosine decay end when the
+    budget does; ``train.steps`` stays the upper bound. Because :func:`lr_factor` is a pure function of
+    (step, total), a re-fit only bends the remaining schedule. Setup, evaluation hooks after the loop, export
+    and stage 0's statistics fit are not counted.
+    """
+
+    def __init__(self, minutes: float, start: int, max_steps: int, scheduler: LambdaLR | None,
+                 skip: int = 10, every: int = 10) -> None:
+        if minutes <= 0:
+            raise ValueError(f"train.minutes must be > 0 for a budget, got {minutes}")
+        self.deadline = time.monotonic() + 60.0 * minutes
+        self.start, self.total, self.max_steps, self.scheduler = start, max_steps, max_steps, scheduler
+        self.skip, self.every = skip, every
+        self.t0: float | None = None
+
+    def update(self, done: int) -> int:
+        """After optimizer step ``done``: the run's current last step (``done`` once the budget is spent)."""
+        now = time.monotonic()
+        if now >= self.deadline:
+            self.total = min(self.total, done)
+        elif done == self.start + self.skip:
+            self.t0 = now
+        elif self.t0 is not None and done % self.every == 0:
+            rate = (done - self.start - self.skip) / max(now - self.t0, 1e-9)  # steps per second
+            self.total = max(done + 1, min(self.max_steps, done + int(rate * (self.deadline - now))))
+        if self.scheduler is not None:
+            for fn in self.scheduler.lr_lambdas:
+                if isinstance(fn, _Factor):
+                    fn.total = self.total
+        return self.total

@@ -38,7 +38,7 @@ from cheers.training.data import (
 )
 from cheers.training.distributed import DistInfo
 from cheers.training.monitor import Monitor
-from cheers.training.optim import build_optimizer, build_scheduler
+from cheers.training.optim import StepBudget, build_optimizer, build_scheduler
 from cheers.training.parts import model_config
 from cheers.training.sources import CorruptSample
 
@@ -139,13 +139,16 @@ def train_vae(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool
     dataset = MicroBatches(sources, ratios, _ImageBuilder(config.image_size), _collate_images,
                            Layout(t.micro_batch, accumulation), r.data.seed, r.data.max_retries)
     fit_micro = -(-r.vae.fit_samples // t.micro_batch)
-    last = t.steps if stop_after is None else min(t.steps, start + stop_after)
+    stop = t.steps if stop_after is None else start + stop_after
+    last = min(t.steps, stop)
     loader = iter(make_loader(dataset, start * accumulation, t.steps * accumulation + fit_micro, r.data.num_workers))
     monitor = Monitor(run_dir, t.steps, start, tensorboard=r.log.tensorboard, progress=r.log.progress)
     gen = torch.Generator(device=info.device).manual_seed(t.seed + start)
     try:
+        budget = StepBudget(t.minutes, start, t.steps, scheduler) if t.minutes > 0 else None
         # 1. reconstruction training
-        for step in range(start, last):
+        step = start
+        while step < last:
             tic = time.perf_counter()
             totals = torch.zeros(3, dtype=torch.float64)
             for _ in range(accumulation):
@@ -163,7 +166,11 @@ def train_vae(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             tracker.check(r.data.max_corrupt_fraction, r.data.corrupt_grace)
-            done = step + 1
+            done = step = step + 1
+            if budget is not None:
+                t.steps = budget.update(done)
+                last = min(t.steps, stop)
+                monitor.set_total(t.steps)
             monitor.advance()
             if done % max(r.log.every, 1) == 0 or done in (start + 1, last):
                 loss_v, recon_v, kl_v = totals.tolist()
