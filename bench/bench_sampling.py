@@ -16,9 +16,9 @@ import argparse
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from cheers.config import preset
+from cheers.flops import count_flops
 from cheers.generation import generate
 from cheers.models.cheers import Cheers
 from cheers.reference_loop import release_style_sample
@@ -109,9 +109,7 @@ def main() -> None:
         diff = (ours().images[0][0].float() - release()[0].float()).abs().max().item()
         flops = {}
         for label, fn in (("release-style", release), ("ours", ours)):
-            with FlopCounterMode(display=False) as counter:
-                fn()
-            flops[label] = counter.get_total_flops() / args.steps
+            flops[label] = count_flops(fn)[0] / args.steps
         t_rel = timed(release, args.repeats, sync)
         t_ours = timed(ours, args.repeats, sync)
         print(f"preset={args.preset} device={args.device} dtype={args.dtype} steps={args.steps} "

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sampling import build  # noqa: E402
 
+from cheers.flops import count_flops  # noqa: E402
 from cheers.generation import generate, prefill  # noqa: E402
 from cheers.models.cheers import Cheers  # noqa: E402
 
@@ -75,17 +75,14 @@ def main() -> None:
         ids, mask = prompts(model, batch, args.prompt_len, args.device)
         pixels = torch.rand(batch, 3, size, size, device=args.device, dtype=dtype)
         with torch.no_grad():
-            with FlopCounterMode(display=False) as counter:
-                prefill(model, ids, mask, pixels)
-            flops_prefill = counter.get_total_flops()
+            flops_prefill, _ = count_flops(prefill, model, ids, mask, pixels)
             for cache in caches:
                 kw = dict(max_length=args.new_tokens - 1, latent_grid=grid, max_total_ids=10**6,
                           static_cache=cache == "static")
-                with FlopCounterMode(display=False) as counter:
-                    out = generate(model, ids, mask, pixels, **kw)
+                flops_total, out = count_flops(generate, model, ids, mask, pixels, **kw)
                 steps = max(len(s) for s in out.sequences)  # the first token comes from the prefill
                 tokens = sum(len(s) for s in out.sequences)
-                flops_step = (counter.get_total_flops() - flops_prefill) / max(steps - 1, 1)
+                flops_step = (flops_total - flops_prefill) / max(steps - 1, 1)
                 runs = [timed_generate(model, ids, mask, pixels, kw, sync) for _ in range(args.repeats + 1)][1:]
                 t_prefill = statistics.median(r[0] for r in runs)
                 t_decode = statistics.median(r[1] for r in runs)
