@@ -29,9 +29,9 @@ def test_bundled_model_beats_an_untrained_one_on_shapes_vqa():
 
 def test_bundled_model_is_the_default_and_draws_an_image():
     pipe = CheersPipeline.from_pretrained("default", device="cpu", progress=False)
-    assert pipe.model.config.image_size == 64 and pipe.defaults.num_inference_steps == 20
+    assert pipe.model.config.image_size == 128 and pipe.defaults.num_inference_steps == 20
     image = pipe.generate("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (64, 64)
+    assert image.size == (128, 128)
 
 
 def test_shapesbench_reproduces_the_shipped_scorecard(tmp_path):
@@ -39,7 +39,7 @@ def test_shapesbench_reproduces_the_shipped_scorecard(tmp_path):
     is reproduced item by item by a quick rerun over its first items."""
     card = load_scorecard(BUNDLED_DIR)
     pipe = CheersPipeline.from_pretrained(BUNDLED_DIR, device="cpu", progress=False)
-    cfg = ShapesBenchConfig(n=2, num_images=card["config"]["num_images"], tasks=tuple(card["config"]["tasks"]))
+    cfg = ShapesBenchConfig(n=3, num_images=card["config"]["num_images"], tasks=tuple(card["config"]["tasks"]))
     report = run_shapes_bench(pipe, tmp_path, cfg, model_name="bundled", progress=False)
     agree, compared = agreement(card, report)
     assert compared >= 30 and agree >= 0.9, (agree, compared)
@@ -51,7 +51,8 @@ def test_vae_ceiling_of_a_directory_matches_the_models_own_vae(tmp_path):
 
     pipe = CheersPipeline.from_pretrained(BUNDLED_DIR, device="cpu", progress=False)
     items = geneval_items(2)
-    direct = vae_ceiling(pipe.model.model.vae_model, items, [render_scene(s, 64) for _, s in items])
+    res = pipe.processor.image_size
+    direct = vae_ceiling(pipe.model.model.vae_model, items, [render_scene(s, res) for _, s in items])
     assert vae_ceiling_of(BUNDLED_DIR, n=2) == direct and 0 <= direct["overall"] <= 1
     (tmp_path / "config.json").write_text('{"vae_encoder_config": {"ch": 7}}')
     with pytest.raises(ValueError, match="vae_decoder_config"):
