@@ -78,3 +78,32 @@ def test_fsdp2_on_two_gloo_processes_resumes_and_matches_one_process(tmp_path):
 def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
     history, single = _two_processes(tmp_path, "ddp")
     _compare(history, single, tmp_path, "ddp")
+
+
+def _budget_worker(rank: int, world: int, root: str, port: int) -> None:
+    import time
+    from pathlib import Path
+
+    from cheers.training import optim
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    if rank == 1:  # this process's clock runs 3x fast: left alone it would fit a third of rank 0's steps
+        start = time.monotonic()
+        optim.time = type("FastClock", (), {"monotonic": staticmethod(lambda: start + 3 * (time.monotonic() - start))})
+    root = Path(root)
+    files = {k: root / f"{k}.jsonl" for k in ("und", "gen", "text", "edit")}
+    recipe = tiny_recipe(root, files, **{**SETS, "train.steps": 100_000, "train.minutes": 0.04,
+                                         "checkpoint.every": 0, "engine.strategy": "ddp"})
+    result = Trainer(recipe, root / "budget", processor=tiny_processor()).run()
+    (root / f"budget-rank{rank}.json").write_text(json.dumps({"step": result.step,
+                                                               "exported": result.export_dir is not None}))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_time_budget_stops_every_process_at_rank_0s_step(tmp_path):
+    write_data(tmp_path)
+    mp.spawn(_budget_worker, args=(2, str(tmp_path), _free_port()), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"budget-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] >= 10 and ranks[0]["exported"]

@@ -199,7 +199,10 @@ class Trainer:
         last = min(t.steps, stop)
         logger.info("training steps %d..%d of %d: global batch %d = %d x %d accumulation x %d processes", start + 1,
                     last, t.steps, t.global_batch, t.micro_batch, accumulation, info.world_size)
-        budget = StepBudget(t.minutes, start, t.steps, scheduler) if t.minutes > 0 else None
+        budget = None
+        if t.minutes > 0:  # every process follows rank 0's fit, so that all stop at the same step
+            agree = (lambda n: int(d.broadcast_object(n, info))) if info.world_size > 1 else None
+            budget = StepBudget(t.minutes, start, t.steps, scheduler, agree=agree)
         # 8. the loop
         try:
             step = start

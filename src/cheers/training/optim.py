@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -74,29 +74,35 @@ class StepBudget:
     The rate is measured from ``skip`` steps after the start (the first steps pay for warm-up work) and the
     run's total steps are re-fitted every ``every`` steps, so the warm-up and the cosine decay end when the
     budget does; ``train.steps`` stays the upper bound. Because :func:`lr_factor` is a pure function of
-    (step, total), a re-fit only bends the remaining schedule. Setup, evaluation hooks after the loop, export
-    and stage 0's statistics fit are not counted.
+    (step, total), a re-fit only bends the remaining schedule. Decisions (re-fits and the stop at the deadline)
+    happen only every ``every`` steps and go through ``agree`` (e.g. rank 0's value broadcast to every
+    process), so that all processes stop at the same step. Setup, evaluation hooks after the loop, export and
+    stage 0's statistics fit are not counted.
     """
 
     def __init__(self, minutes: float, start: int, max_steps: int, scheduler: LambdaLR | None,
-                 skip: int = 10, every: int = 10) -> None:
+                 skip: int = 10, every: int = 10, agree: Callable[[int], int] | None = None) -> None:
         if minutes <= 0:
             raise ValueError(f"train.minutes must be > 0 for a budget, got {minutes}")
         self.deadline = time.monotonic() + 60.0 * minutes
         self.start, self.total, self.max_steps, self.scheduler = start, max_steps, max_steps, scheduler
-        self.skip, self.every = skip, every
+        self.skip, self.every, self.agree = skip, every, agree
         self.t0: float | None = None
 
     def update(self, done: int) -> int:
         """After optimizer step ``done``: the run's current last step (``done`` once the budget is spent)."""
+        if done == self.start + self.skip:
+            self.t0 = time.monotonic()
+        if done % self.every:
+            return self.total
         now = time.monotonic()
+        total = self.total
         if now >= self.deadline:
-            self.total = min(self.total, done)
-        elif done == self.start + self.skip:
-            self.t0 = now
-        elif self.t0 is not None and done % self.every == 0:
+            total = min(total, done)
+        elif self.t0 is not None and done > self.start + self.skip:
             rate = (done - self.start - self.skip) / max(now - self.t0, 1e-9)  # steps per second
-            self.total = max(done + 1, min(self.max_steps, done + int(rate * (self.deadline - now))))
+            total = max(done + 1, min(self.max_steps, done + int(rate * (self.deadline - now))))
+        self.total = self.agree(total) if self.agree is not None else total
         if self.scheduler is not None:
             for fn in self.scheduler.lr_lambdas:
                 if isinstance(fn, _Factor):
