@@ -97,13 +97,12 @@ def assemble(
     text_ids = np.zeros((batch, width), dtype=np.int64)
     image_index = np.full((batch, width), -1, dtype=np.int64)
     flags_np = np.zeros((batch, width), dtype=bool)
-    slots_np = np.zeros((batch, width), dtype=bool)
     valid_np = np.zeros((batch, width), dtype=bool)
     labels_out = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
-    for b, (t_ids, i_idx, f, s_, lab) in enumerate(plans):
+    for b, (t_ids, i_idx, f, lab) in enumerate(plans):
         n = t_ids.shape[0]
-        text_ids[b, :n], image_index[b, :n], flags_np[b, :n], slots_np[b, :n] = t_ids, i_idx, f, s_
-        valid_np[b, :n], labels_out[b, :n] = True, lab
+        text_ids[b, :n], image_index[b, :n], flags_np[b, :n], valid_np[b, :n], labels_out[b, :n] = (
+            t_ids, i_idx, f, True, lab)
 
     def to_device(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(device, non_blocking=True)
@@ -111,19 +110,19 @@ def assemble(
     dim = embed_tokens.embedding_dim
     dtype = embed_tokens.weight.dtype if image_tokens is None else image_tokens.dtype
     valid = to_device(valid_np)
-    text_pos = valid & to_device(~slots_np)
     index = to_device(image_index)
-    embeds = torch.where(text_pos[..., None], embed_tokens(to_device(text_ids)).to(dtype), 0)
+    slots = index >= 0  # every image token (image-token index, -1 at text and padding)
+    embeds = torch.where((valid & ~slots)[..., None], embed_tokens(to_device(text_ids)).to(dtype), 0)
     if image_tokens is not None and n_img:
         gathered = image_tokens.reshape(-1, dim)[index.clamp(min=0)]  # (B, L', Dt)
-        embeds = torch.where((index >= 0)[..., None], gathered, embeds)
-    return Assembled(embeds, to_device(flags_np), to_device(slots_np), valid,
+        embeds = torch.where(slots[..., None], gathered, embeds)
+    return Assembled(embeds, to_device(flags_np), slots, valid,
                      to_device(labels_out) if labels is not None else None, to_device(lengths_np))
 
 
 class _RowPlan:
-    """One expanded row as host arrays, piece by piece: text ids, image-token indices (-1 at text), image
-    flags, image slots and labels."""
+    """One expanded row as host arrays, piece by piece: text ids, image-token indices (-1 at text; the image
+    slots are where they are >= 0), image flags and labels."""
 
     def __init__(self, ids: np.ndarray, labels: np.ndarray | None, per_image: int) -> None:
         self.ids, self.labels, self.per_image = ids, labels, per_image
@@ -133,7 +132,7 @@ class _RowPlan:
         """The N tokens of image ``k``; ``flagged`` ones form a bidirectional block, prefixed ones do not."""
         n = self.per_image
         self.parts.append((np.zeros(n, np.int64), np.arange(k * n, (k + 1) * n, dtype=np.int64),
-                           np.full(n, flagged), np.ones(n, bool), np.full(n, marker, np.int64)))
+                           np.full(n, flagged), np.full(n, marker, np.int64)))
 
     def add_text(self, start: int, stop: int) -> None:
         seg = self.ids[start:stop]
@@ -141,7 +140,7 @@ class _RowPlan:
             lab = self.labels[start:stop] if self.labels is not None else seg
             n = seg.size
             self.parts.append((seg.astype(np.int64), np.full(n, -1, np.int64), np.zeros(n, bool),
-                               np.zeros(n, bool), lab.astype(np.int64)))
+                               lab.astype(np.int64)))
 
     def build(self, max_length: int | None) -> tuple[np.ndarray, ...]:
         if not self.parts:
