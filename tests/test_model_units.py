@@ -13,7 +13,7 @@ from cheers.flow import interpolate, time_shift, velocity_target
 from cheers.models.cheers import Cheers
 from cheers.models.flow_head import DiTBlock, DiTHead, HiGate, rope_tables
 from cheers.models.sequence import hybrid_mask, shift_labels
-from cheers.models.vae import patchify, unpatchify
+from cheers.models.vae import Upsample, patchify, set_polyphase_upsampling, unpatchify, upsample_conv
 from cheers.models.vision import merge_2x2, split_2x2
 from cheers.sampling import apply_guidance, schedule
 
@@ -76,6 +76,38 @@ def test_patchify_channel_order_and_inverse():
     # out[b, c·4 + pi·2 + pj, i, j] = m[b, c, 2i+pi, 2j+pj]
     assert p[1, 2 * 4 + 1 * 2 + 0, 3, 2] == m[1, 2, 7, 4]
     assert torch.equal(unpatchify(p), m)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_polyphase_upsample_conv_is_interpolate_then_conv(channels_last):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1).double()
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)  # odd, non-square grid
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    plain = conv(torch.nn.functional.interpolate(xin, scale_factor=2.0, mode="nearest"))
+    fast = upsample_conv(xin, conv.weight, conv.bias)
+    assert fast.shape == plain.shape == (2, 5, 6, 10)
+    assert fast.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.allclose(fast, plain, atol=1e-12, rtol=0)
+    grad = torch.randn_like(plain)
+    wanted = torch.autograd.grad(plain, (x, conv.weight, conv.bias), grad)
+    got = torch.autograd.grad(upsample_conv(xin, conv.weight, conv.bias), (x, conv.weight, conv.bias), grad)
+    for a, b in zip(got, wanted):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
+
+
+def test_upsample_module_switches_between_the_two_forms():
+    torch.manual_seed(0)
+    model = tiny_model()
+    up = Upsample(4)
+    x = torch.randn(1, 4, 4, 4)
+    fast = up(x)
+    assert set_polyphase_upsampling(up, False) == 1 and not up.polyphase
+    assert (up(x) - fast).abs().max() < 1e-5
+    assert set_polyphase_upsampling(model, True) > 0  # the decoders of a model have them
+    bf16 = Upsample(4).bfloat16()  # the summed taps are formed in float32, then cast once
+    plain = bf16.conv(torch.nn.functional.interpolate(x.bfloat16(), scale_factor=2.0, mode="nearest"))
+    assert (bf16(x.bfloat16()).float() - plain.float()).abs().max() < 0.05
 
 
 def test_token_merge_and_pixel_shuffle_are_inverse():
