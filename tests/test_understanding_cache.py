@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cheers.generation import extend, generate, prefill, to_static
+from cheers.generation import StaticDecoder, extend, generate, prefill, to_static
 
 from model_helpers import TINY_SPECIAL, image_hungry_model, t2i_prompt, tiny_model
 
@@ -45,6 +45,52 @@ def test_static_decode_steps_match_the_dynamic_ones(model):
         with pytest.raises(RuntimeError, match="static KV cache is full"):
             extend(model, static, model.model.language_model.embed_tokens(token[:, None]).expand(-1, 3, -1),
                    active, bidirectional=False)
+
+
+def test_static_decoder_buffers_give_extend_with_one_token(model):
+    """The fixed-buffer step (what a CUDA graph replays) against extend, with a row inactive and a crop between."""
+    ids, mask, images = padded_understanding_prompts()
+    with torch.no_grad():
+        plain = to_static(model, prefill(model, ids, mask, images), 40)
+        fixed = to_static(model, prefill(model, ids, mask, images), 40)
+        decoder = StaticDecoder(model, fixed)
+        token = plain.last_logits.argmax(-1)
+        for step in range(6):
+            if step == 3:  # crops reset the write position in place; the decoder must follow
+                for st in (plain, fixed):
+                    st.crop(st.length - 2, st.next_pos - 1)
+            active = torch.tensor([True, step % 2 == 0])
+            embeds = model.model.language_model.embed_tokens(token[:, None])
+            want = model.lm_head(extend(model, plain, embeds, active, bidirectional=False)[:, -1])
+            got = decoder.step(embeds, active)
+            assert got is fixed.last_logits and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+            assert fixed.used == plain.used and torch.equal(fixed.key_valid, plain.key_valid)
+            assert torch.equal(fixed.next_pos, plain.next_pos)
+            assert all(int(layer.cumulative_length) == fixed.used for layer in fixed.cache.layers)
+            token = want.argmax(-1)
+        fixed.used = 40
+        with pytest.raises(RuntimeError, match="static KV cache is full"):
+            decoder.step(embeds, active)
+    with pytest.raises(ValueError, match="static cache"):
+        StaticDecoder(model, prefill(model, ids, mask, images))
+
+
+def test_cuda_graph_decoding_is_refused_off_cuda(model):
+    ids, mask, images = padded_understanding_prompts()
+    with pytest.raises(ValueError, match="CUDA device"):
+        generate(model, ids, mask, images, max_length=4, latent_grid=(4, 4), cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decoding_gives_the_same_answers(model):
+    ids, mask, images = padded_understanding_prompts()
+    gpu = model.cuda()
+    try:
+        kw = dict(max_length=12, latent_grid=(4, 4))
+        assert generate(gpu, ids.cuda(), mask.cuda(), images.cuda(), cuda_graph=True, **kw).sequences == \
+            generate(gpu, ids.cuda(), mask.cuda(), images.cuda(), **kw).sequences
+    finally:
+        model.cpu()
 
 
 def test_generate_with_a_static_cache_gives_the_same_answers(model):

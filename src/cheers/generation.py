@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cheers.lm_state import LMState, extend, prefill, to_static
+from cheers.lm_state import LMState, StaticDecoder, extend, prefill, to_static
 from cheers.models.cheers import Cheers
 from cheers.sampling import (
     apply_guidance,
@@ -34,7 +34,8 @@ from cheers.tokens import unconditional_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationOutput", "ImageSampler", "LMState", "extend", "generate", "prefill", "randn_rows", "to_static"]
+__all__ = ["GenerationOutput", "ImageSampler", "LMState", "StaticDecoder", "extend", "generate", "prefill",
+           "randn_rows", "to_static"]
 
 
 class ImageSampler:
@@ -163,7 +164,7 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
              uncond_input_ids: torch.Tensor | None = None,
              uncond_attention_mask: torch.Tensor | None = None, solver: str = "euler",
              guidance_interval: tuple[float, float] | None = None,
-             static_cache: bool = False) -> GenerationOutput:
+             static_cache: bool = False, cuda_graph: bool = False) -> GenerationOutput:
     """The release's ``generate`` loop, batched: text decoding, and an image whenever a row's last token is
     ``<im_start>`` (SPEC §10.2).
 
@@ -189,7 +190,10 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
         guidance_interval: ``(t_lo, t_hi)``: apply guidance only for t in that interval; outside it the
             unconditional branch is not computed. None: guide at every step.
         static_cache: after the prefill, decode into a pre-allocated KV cache (:func:`to_static`) sized from
-            ``max_length``; the dynamic cache's tokens (values equal up to float rounding).
+            ``max_length``; the dynamic cache's tokens (values equal up to float rounding). Text steps then go
+            through fixed buffers (:class:`cheers.lm_state.StaticDecoder`).
+        cuda_graph: (implies ``static_cache``) capture the text decode step in a CUDA graph once and replay it
+            for every token; CUDA devices only (a ``ValueError`` elsewhere).
     """
     special = model.require_special()
     sampling = sampling or TextSampling()
@@ -217,12 +221,17 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
         width = max(input_ids.shape[1], uncond_input_ids.shape[1])
         ids = torch.cat([_pad_to(input_ids, width, special.pad), _pad_to(uncond_input_ids, width, special.pad)])
         mask = torch.cat([_pad_to(attention_mask, width, 0), _pad_to(uncond_attention_mask, width, 0)])
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model and inputs on a CUDA device, not {device.type!r}")
+    static_cache = static_cache or cuda_graph
     state = prefill(model, ids, mask, pix, repeat_images=2 if guided else 1)
+    decoder = None
     if static_cache:
         # a text token adds 1 entry and 1 to the count; an image adds N (plus N transient while sampling) and its
         # uncounted <im_end> 1; the count may pass max_length by one image: at most 2·(max_length + 2N) + 2
         n_image = latent_grid[0] * latent_grid[1] // 4
-        state = to_static(model, state, state.length + 2 * (max_length + 2 * n_image) + 2)
+        state = to_static(model, state, state.length + 2 * (max_length + 2 * n_image) + 2 + (2 if cuda_graph else 0))
+        decoder = StaticDecoder(model, state, cuda_graph=cuda_graph)
     rows = state.key_valid.shape[0]
     lengths = attention_mask.sum(dim=1)
     last_token = input_ids[torch.arange(batch, device=device), lengths - 1]
@@ -301,8 +310,11 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
         feed_active = active & ~done
         feed_active = torch.cat([feed_active, feed_active]) if guided else feed_active
         embeds = model.model.language_model.embed_tokens(feed[:, None])  # (R, 1, Dt)
-        hidden = extend(model, state, embeds, feed_active, bidirectional=False)
-        state.last_logits = model.lm_head(hidden[:, -1])
+        if decoder is not None:
+            decoder.step(embeds, feed_active)
+        else:
+            hidden = extend(model, state, embeds, feed_active, bidirectional=False)
+            state.last_logits = model.lm_head(hidden[:, -1])
         assert state.last_logits.shape[0] == rows
     return out
 

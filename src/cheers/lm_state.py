@@ -142,3 +142,78 @@ def extend(model: Cheers, state: LMState, embeds: torch.Tensor, active: torch.Te
         state.key_valid = torch.cat([state.key_valid, active[:, None].expand(rows, new)], dim=1)
     state.next_pos = state.next_pos + active.long() * new
     return out.last_hidden_state
+
+
+class StaticDecoder:
+    """One text decode step (one new token per row) on a static cache, through fixed input and output buffers.
+
+    Each :meth:`step` writes the new tokens' embeddings, positions and attention row into the same tensors, so
+    the language model always sees the same shapes and addresses; with ``cuda_graph`` the step (all layers
+    and the LM head) is captured once in a CUDA graph and replayed, which removes the per-kernel launch cost
+    that bounds single-stream decoding of a large model. The write position lives on the device
+    (the cache's ``cumulative_length``, advanced inside the step), so crops and images between steps, which
+    reset it in place, are seen by the replay. Equal to :func:`extend` with one token (tested).
+
+    The state is read at every step (its mask, positions and ``used`` may change between steps); only its
+    cache object must stay the same, as it does within one :func:`cheers.generation.generate` call.
+    """
+
+    def __init__(self, model: Cheers, state: LMState, cuda_graph: bool = False) -> None:
+        if not state.static:
+            raise ValueError("StaticDecoder needs a static cache (to_static)")
+        device = state.key_valid.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device.type!r}")
+        rows, capacity = state.key_valid.shape
+        embed = model.model.language_model.embed_tokens.weight
+        self.model, self.state, self.cuda_graph = model, state, cuda_graph
+        self.embeds = torch.zeros(rows, 1, embed.shape[1], dtype=embed.dtype, device=device)
+        self.mask = torch.zeros(rows, 1, 1, capacity, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.graph = None
+        self.graph_logits: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model.run_language_model(self.embeds, self.mask, self.positions, self.state.cache, use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[:, -1])  # (R, V)
+
+    def _capture(self) -> None:
+        counters = [layer.cumulative_length for layer in self.state.cache.layers]
+        saved = [c.clone() for c in counters]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy initialisations, workspace sizes)
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        for c, s in zip(counters, saved):  # the warm-up wrote masked entries past `used`; write there again
+            c.copy_(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.graph_logits = self._forward()
+
+    def step(self, embeds: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Append one position per row (embeds (R, 1, Dt)); returns and stores the next logits (R, V).
+
+        Rows with ``active`` False compute but their entry is invalid and their position does not advance."""
+        state = self.state
+        used, capacity = state.used, state.key_valid.shape[1]
+        # the warm-up before a capture writes two entries past `used`
+        if used + (3 if self.cuda_graph and self.graph is None else 1) > capacity:
+            raise RuntimeError(f"the static KV cache is full: {used} + 1 > {capacity} entries")
+        self.embeds.copy_(embeds)
+        self.positions.copy_(state.next_pos[:, None])
+        self.mask[:, 0, 0].copy_(state.key_valid)
+        self.mask[:, 0, 0, used] = True
+        if self.cuda_graph:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.graph_logits.clone()
+        else:
+            logits = self._forward()
+        state.key_valid[:, used] = active
+        state.used = used + 1
+        state.next_pos = state.next_pos + active.long()
+        state.last_logits = logits
+        return logits

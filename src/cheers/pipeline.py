@@ -259,7 +259,7 @@ class CheersPipeline:
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              repetition_penalty: float = 1.0, num_beams: int = 1, generator: torch.Generator | None = None,
              stream: bool = False, prefix_image: str | None = "dummy",
-             static_cache: bool = False) -> ChatOutput | Iterator[str]:
+             static_cache: bool = False, cuda_graph: bool = False) -> ChatOutput | Iterator[str]:
         """Answer a conversation (or a batch of them) with text.
 
         Args:
@@ -269,6 +269,8 @@ class CheersPipeline:
             stream: yield text pieces of the (single) answer as they are decoded.
             prefix_image: for conversations without an image, "dummy" prepends the release's random image.
             static_cache: decode into a pre-allocated KV cache (same answers; for compiled / CUDA-graph decoding).
+            cuda_graph: replay the static decode step from a CUDA graph (CUDA only; captured at the first token
+                of each call): removes the per-kernel launch cost that bounds one stream on a large model.
         """
         _check_number("max_new_tokens", max_new_tokens, 1, 100_000, integer=True)
         _check_number("num_beams", num_beams, 1, 64, integer=True)
@@ -286,7 +288,7 @@ class CheersPipeline:
             seqs = beam_search(self.model, ids, mask, pixels, num_beams=num_beams, max_new_tokens=max_new_tokens)
             return ChatOutput([self._decode_answer(s) for s in seqs], seqs)
         kwargs = dict(max_length=max_new_tokens - 1, sampling=sampling, generator=generator,
-                      latent_grid=self._grid(None, None), static_cache=static_cache)
+                      latent_grid=self._grid(None, None), static_cache=static_cache, cuda_graph=cuda_graph)
         if not stream:
             out = generate(self.model, ids, mask, pixels, **kwargs)
             return ChatOutput([self._decode_answer(s) for s in out.sequences], out.sequences)
