@@ -130,7 +130,9 @@ class CheersPipeline:
 
         directory = resolve_checkpoint_dir(str(name_or_path))
         if dtype is None and dev.type == "cpu":
-            dtype = "float32"  # half precision on a CPU is ~30x slower; GPUs keep the checkpoint's dtype
+            # exact, and fast everywhere: bf16 is 1.3-2.4x faster on CPUs with bf16 instructions (avx512_bf16,
+            # AMX) but far slower on those without; GPUs keep the checkpoint's dtype
+            dtype = "float32"
         model = from_pretrained(directory, dtype=resolve_dtype(dtype) if dtype else None, device=dev)
         processor = CheersProcessor.from_pretrained(directory)
         defaults = SamplingDefaults()
