@@ -121,3 +121,5 @@ def test_cli_generate_ask_and_info(model_dir, tmp_path, capsys):
     bad.write_bytes(b"not an image")
     assert main(["ask", str(bad), "?", "--model", str(model_dir)]) == 2
     assert "not a readable image" in capsys.readouterr().err
+    assert main(["ask", str(target), "?", "--model", str(model_dir), "--device", "cpu", "--cuda-graph"]) == 2
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err

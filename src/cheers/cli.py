@@ -75,20 +75,27 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from cheers.image_ops import load_image
 
     pipe = _pipeline(args)
+    _check_cuda_graph(args, pipe)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
     said = False
     for piece in pipe.chat(messages, images=[load_image(args.image)], max_new_tokens=args.max_new_tokens,
-                           stream=True):
+                           stream=True, cuda_graph=args.cuda_graph):
         print(piece, end="", flush=True)
         said = said or bool(piece.strip())
     print("" if said else "(the model gave an empty answer)")
     return 0
 
 
+def _check_cuda_graph(args: argparse.Namespace, pipe) -> None:
+    if args.cuda_graph and pipe.device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device; the model is on {pipe.device.type!r} (--device cuda)")
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from cheers.image_ops import load_image
 
     pipe = _pipeline(args)
+    _check_cuda_graph(args, pipe)
     history: list[dict] = []
     images: list = []
     print("cheers chat: type a message; '/image PATH' attaches an image to your next message; '/quit' ends.")
@@ -113,7 +120,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         images += pending
         pending = []
         history.append({"role": "user", "content": content})
-        answer = pipe.chat(history, images=images or None, max_new_tokens=args.max_new_tokens).texts[0]
+        answer = pipe.chat(history, images=images or None, max_new_tokens=args.max_new_tokens,
+                           cuda_graph=args.cuda_graph).texts[0]
         print(f"cheers> {answer}")
         history.append({"role": "assistant", "content": answer})
 
@@ -220,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("question")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    _cuda_graph_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (images by path)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    _cuda_graph_arg(p)
     _model_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -248,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         getattr(mod, adder)(sub)
     return parser
+
+
+def _cuda_graph_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each text-decoding step from a CUDA graph (CUDA only; fastest single stream)")
 
 
 def main(argv: list[str] | None = None) -> int:
