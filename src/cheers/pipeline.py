@@ -130,8 +130,8 @@ class CheersPipeline:
 
         directory = resolve_checkpoint_dir(str(name_or_path))
         if dtype is None and dev.type == "cpu":
-            # exact, and fast everywhere: bf16 is 1.3-2.4x faster on CPUs with bf16 instructions (avx512_bf16,
-            # AMX) but far slower on those without; GPUs keep the checkpoint's dtype
+            # the exact path; bf16 was 1.3-2.4x faster on a CPU with avx512_bf16 (docs/performance.md), but
+            # CPUs without bf16 instructions emulate it; GPUs keep the checkpoint's dtype
             dtype = "float32"
         model = from_pretrained(directory, dtype=resolve_dtype(dtype) if dtype else None, device=dev)
         processor = CheersProcessor.from_pretrained(directory)
