@@ -13,7 +13,14 @@ from cheers.flow import interpolate, time_shift, velocity_target
 from cheers.models.cheers import Cheers
 from cheers.models.flow_head import DiTBlock, DiTHead, HiGate, rope_tables
 from cheers.models.sequence import hybrid_mask, shift_labels
-from cheers.models.vae import Upsample, patchify, set_polyphase_upsampling, unpatchify, upsample_conv
+from cheers.models.vae import (
+    Upsample,
+    patchify,
+    polyphase_upsampling,
+    set_polyphase_upsampling,
+    unpatchify,
+    upsample_conv,
+)
 from cheers.models.vision import merge_2x2, split_2x2
 from cheers.sampling import apply_guidance, schedule
 
@@ -108,6 +115,14 @@ def test_upsample_module_switches_between_the_two_forms():
     bf16 = Upsample(4).bfloat16()  # the summed taps are formed in float32, then cast once
     plain = bf16.conv(torch.nn.functional.interpolate(x.bfloat16(), scale_factor=2.0, mode="nearest"))
     assert (bf16(x.bfloat16()).float() - plain.float()).abs().max() < 0.05
+
+
+def test_polyphase_upsampling_context_restores_each_setting():
+    a, b = Upsample(4), Upsample(4, polyphase=False)
+    both = torch.nn.Sequential(a, b)
+    with polyphase_upsampling(both, False):
+        assert not a.polyphase and not b.polyphase
+    assert a.polyphase and not b.polyphase
 
 
 def test_token_merge_and_pixel_shuffle_are_inverse():

@@ -9,31 +9,13 @@ ratio and ``tests/test_speed_exactness.py`` checks that the outputs agree.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from cheers.generation import ImageSampler, prefill
 from cheers.models.cheers import Cheers
-from cheers.models.vae import Upsample
+from cheers.models.vae import polyphase_upsampling
 from cheers.sampling import apply_guidance, euler_sample, schedule
 from cheers.tokens import unconditional_ids
-
-
-@contextmanager
-def literal_upsampling(model: torch.nn.Module) -> Iterator[None]:
-    """Run the VAE decoders' upsamplers as the release does (interpolate, then a 3x3 conv) for the duration;
-    each upsampler's own setting is restored afterwards."""
-    ups = [m for m in model.modules() if isinstance(m, Upsample)]
-    saved = [m.polyphase for m in ups]
-    try:
-        for m in ups:
-            m.polyphase = False
-        yield
-    finally:
-        for m, flag in zip(ups, saved):
-            m.polyphase = flag
 
 
 @torch.no_grad()
@@ -41,10 +23,10 @@ def release_style_sample(model: Cheers, input_ids: torch.Tensor, pixel_values: t
                          num_inference_steps: int, cfg_scale: float | None, alpha: float) -> torch.Tensor:
     """Text-to-image for one prompt (1, L) with its dummy image; returns the decoded image (1, 3, H, W).
 
-    The decoders upsample literally (:func:`literal_upsampling`), as the release does."""
+    The decoders upsample literally (interpolate, then a 3x3 conv), as the release does."""
     if input_ids.shape[0] != 1:
         raise ValueError("the release-style loop handles one prompt at a time")
-    with literal_upsampling(model):
+    with polyphase_upsampling(model, False):
         return _release_style_sample(model, input_ids, pixel_values, noise, num_inference_steps, cfg_scale, alpha)
 
 

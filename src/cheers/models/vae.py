@@ -10,6 +10,10 @@ patchified (channel index c·4 + pi·2 + pj) and normalised by the BatchNorm run
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -77,6 +81,11 @@ _PHASE_TAPS = (((1, 0, 0), (0, 1, 1)),
                ((1, 1, 0), (0, 0, 1)))
 
 
+@functools.lru_cache(maxsize=16)
+def _phase_taps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(_PHASE_TAPS, dtype=dtype, device=device)  # (phase, tap, k), made once per device
+
+
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv3x3(nearest_upsample_2x(x))`` computed on the low-resolution grid: (B, C, H, W) -> (B, O, 2H, 2W).
 
@@ -89,7 +98,7 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     batch, _, height, width = x.shape
     out_channels = weight.shape[0]
     work = torch.promote_types(weight.dtype, torch.float32)
-    taps = torch.tensor(_PHASE_TAPS, dtype=work, device=weight.device)  # (phase, tap, k)
+    taps = _phase_taps(work, weight.device)
     kernel = torch.einsum("aik,ockl,bjl->abocij", taps, weight.to(work), taps)  # (2, 2, O, C, 2, 2)
     kernel = kernel.reshape(4 * out_channels, weight.shape[1], 2, 2).to(weight.dtype)
     phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, None if bias is None else bias.repeat(4))
@@ -131,6 +140,19 @@ def set_polyphase_upsampling(module: nn.Module, enabled: bool) -> int:
     for m in found:
         m.polyphase = enabled
     return len(found)
+
+
+@contextmanager
+def polyphase_upsampling(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """:func:`set_polyphase_upsampling` for the duration; each upsampler's own setting is restored after."""
+    ups = [m for m in module.modules() if isinstance(m, Upsample)]
+    saved = [m.polyphase for m in ups]
+    try:
+        set_polyphase_upsampling(module, enabled)
+        yield
+    finally:
+        for m, flag in zip(ups, saved):
+            m.polyphase = flag
 
 
 class _Mid(nn.Module):
