@@ -39,7 +39,9 @@ def test_shapesbench_reproduces_the_shipped_scorecard(tmp_path):
     is reproduced item by item by a quick rerun over its first items."""
     card = load_scorecard(BUNDLED_DIR)
     pipe = CheersPipeline.from_pretrained(BUNDLED_DIR, device="cpu", progress=False)
-    cfg = ShapesBenchConfig(n=3, num_images=card["config"]["num_images"], tasks=tuple(card["config"]["tasks"]))
+    settings = {k: card["config"][k] for k in ("num_images", "steps", "guidance", "shift", "split", "seed")
+                if k in card["config"]}
+    cfg = ShapesBenchConfig(n=3, tasks=tuple(card["config"]["tasks"]), **settings)
     report = run_shapes_bench(pipe, tmp_path, cfg, model_name="bundled", progress=False)
     agree, compared = agreement(card, report)
     assert compared >= 30 and agree >= 0.9, (agree, compared)

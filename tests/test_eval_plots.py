@@ -9,7 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from cheers.eval.plots import ema, hfi_intensity, plot_curves, plot_hfi, read_metrics, score_keys, series
+from cheers.eval.plots import (
+    ema,
+    hfi_intensity,
+    plot_curves,
+    plot_hfi,
+    plot_scorecards,
+    read_metrics,
+    score_keys,
+    scorecard_figures,
+    series,
+)
 from cheers.pipeline import CheersPipeline
 from cheers.processor import CheersProcessor
 
@@ -50,6 +60,41 @@ def test_curves_from_metrics_jsonl(tmp_path):
         plot_curves([a], tmp_path / "x.png", keys=["mmbench"])
     with pytest.raises(FileNotFoundError):
         read_metrics(tmp_path / "nothing")
+
+
+def card(geneval, vqa, edit=None):
+    c = {"geneval": {"summary": {"overall": geneval}}, "vqa": {"overall": vqa, "ocr_accuracy": 0.0}}
+    if edit is not None:
+        c["edit"] = {"correct": edit}
+    return c
+
+
+def test_scorecard_curve_reads_the_headline_figures(tmp_path):
+    assert scorecard_figures(card(0.1, 0.5, 0.2)) == {"ShapesGenEval": 0.1, "ShapesVQA": 0.5, "OCR": 0.0,
+                                                      "ShapesEdit": 0.2}
+    assert scorecard_figures({"vqa": {"overall": 0.4}}) == {"ShapesVQA": 0.4}  # tasks not run are left out
+    out = plot_scorecards([(381_280, card(0.13, 0.48)), (315_136, card(0.075, 0.46, 0.0))], tmp_path / "c.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 400
+    with pytest.raises(ValueError, match="no ShapesBench figure|none of the scorecards"):
+        plot_scorecards([(1, {"model": "x"})], tmp_path / "d.png")
+    with pytest.raises(ValueError, match="no scorecards"):
+        plot_scorecards([], tmp_path / "e.png")
+
+
+def test_plot_scorecards_cli(tmp_path, capsys):
+    from cheers.cli import main
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(card(0.07, 0.46)))
+    b.write_text(json.dumps(card(0.13, 0.48)))
+    out = tmp_path / "curve.png"
+    assert main(["plot", "scorecards", "--point", f"315_136={a}", "--point", f"381280={b}", "--out", str(out)]) == 0
+    assert out.is_file() and str(out) in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="SAMPLES=SCORECARD"):
+        main(["plot", "scorecards", "--point", str(a), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no scorecard at"):
+        main(["plot", "scorecards", "--point", f"5={tmp_path / 'missing.json'}", "--out", str(out)])
 
 
 def test_ema_is_debiased_and_checked():

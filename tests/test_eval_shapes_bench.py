@@ -145,6 +145,18 @@ def test_marks_and_config_checks():
         ShapesBenchConfig(tasks=("geneval", "draw"))
     with pytest.raises(ValueError, match="n must"):
         ShapesBenchConfig(n=0)
+    with pytest.raises(ValueError, match="split must be one of"):
+        ShapesBenchConfig(split="train")
+
+
+def test_validation_split_draws_other_scenes_than_test():
+    """Settings are chosen on --split val without seeing the test items the scorecard reports."""
+    test_seeds = {seed for seed, _, _ in vqa_items(5)} | {seed for seed, _ in edit_items(5)}
+    val_seeds = {seed for seed, _, _ in vqa_items(5, "val")} | {seed for seed, _ in edit_items(5, "val")}
+    assert len(val_seeds) == 5 and not test_seeds & val_seeds
+    test_prompts = [spec for spec, _ in geneval_items(3)]
+    assert test_prompts != [spec for spec, _ in geneval_items(3, split="val")]
+    assert test_prompts == [spec for spec, _ in geneval_items(3, split="test")]
 
 
 def test_prompts_are_in_the_training_format():

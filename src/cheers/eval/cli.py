@@ -147,10 +147,12 @@ def cmd_shapes(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         steps=args.steps,
         guidance=args.guidance,
+        shift=args.shift,
         edit_steps=args.edit_steps,
         edit_guidance=args.edit_guidance,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        split=args.split,
     )
     report = run_shapes_bench(
         _pipeline(args), args.out, cfg, model_name=model_identity(args.model), progress=not args.quiet
@@ -173,8 +175,10 @@ def cmd_shapes(args: argparse.Namespace) -> int:
         from .runner import write_text_atomic
         from .scorecard import make_scorecard
 
-        command = "cheers eval shapes " + " ".join(
-            f"--{k} {v}" for k, v in (("n", args.n), ("num-images", args.num_images), ("tasks", args.tasks)))
+        options = (("n", args.n), ("num-images", args.num_images), ("tasks", args.tasks), ("steps", args.steps),
+                   ("guidance", args.guidance), ("shift", args.shift), ("seed", args.seed or None),
+                   ("split", None if args.split == "test" else args.split))
+        command = "cheers eval shapes " + " ".join(f"--{k} {v}" for k, v in options if v is not None)
         card = make_scorecard(report, command)
         write_text_atomic(Path(args.scorecard), json.dumps(card, indent=1, sort_keys=True) + "\n")
         print(f"wrote the scorecard {args.scorecard}")
@@ -195,6 +199,26 @@ def cmd_plot_curves(args: argparse.Namespace) -> int:
     keys = [k for k in (args.keys or "").split(",") if k]
     labels = args.labels.split(",") if args.labels else None
     print(plot_curves(args.runs, args.out, keys or None, labels, smooth=args.smooth, title=args.title))
+    return 0
+
+
+def cmd_plot_scorecards(args: argparse.Namespace) -> int:
+    from .plots import plot_scorecards
+
+    points = []
+    for spec in args.point:
+        samples, sep, path = spec.partition("=")
+        try:
+            seen = float(samples.replace("_", ""))
+        except ValueError:
+            seen = -1.0
+        if not sep or seen < 0:
+            raise SystemExit(f"--point wants SAMPLES=SCORECARD (e.g. 381280=runs/b/scorecard.json), got {spec!r}")
+        file = Path(path)
+        if not file.is_file():
+            raise SystemExit(f"--point {spec!r}: no scorecard at {file}")
+        points.append((seen, json.loads(file.read_text(encoding="utf-8"))))
+    print(plot_scorecards(points, args.out, title=args.title))
     return 0
 
 
@@ -272,10 +296,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     s.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--shift", type=float, default=None, help="the release's time-shift alpha (default: the model's)")
     s.add_argument("--edit-steps", type=int, default=None)
     s.add_argument("--edit-guidance", type=float, default=None)
     s.add_argument("--max-new-tokens", type=int, default=16, help="VQA answer length (default 16)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--split", choices=("test", "val"), default="test",
+                   help="held-out seeds: test (scorecards, default) or val (to choose settings without touching test)")
     s.add_argument("--scorecard", default=None, metavar="FILE",
                    help="also write the compact scorecard (summaries + per-item verdicts) that ships with a model")
     _model_args(s)
@@ -290,7 +317,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``plot {curves,hfi}`` on an argparse subparsers object; returns the parser."""
+    """Register ``plot {curves,scorecards,hfi,settings}`` on an argparse subparsers object; returns the parser."""
     p = subparsers.add_parser(
         "plot", help="figures: scores over training steps, HFI gate over denoising steps"
     )
@@ -304,6 +331,13 @@ def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     c.add_argument("--title", default=None)
     c.add_argument("--out", default="curves.png")
     c.set_defaults(func=cmd_plot_curves)
+
+    k = sub.add_parser("scorecards", help="ShapesBench figures of several scorecards against training samples seen")
+    k.add_argument("--point", action="append", required=True, metavar="SAMPLES=SCORECARD",
+                   help="a scorecard JSON and the samples its model had seen (repeat)")
+    k.add_argument("--title", default=None)
+    k.add_argument("--out", default="scorecards.png")
+    k.set_defaults(func=cmd_plot_scorecards)
 
     h = sub.add_parser(
         "hfi", help="HFI gate intensity per denoising step plus a heatmap strip (paper Fig. 5)"

@@ -3,6 +3,8 @@
 * :func:`plot_curves` reads the trainer's ``metrics.jsonl`` (one JSON object a line with ``step``; score
   hooks add keys such as ``shapes_accuracy`` / ``shapes_geneval``) of one or more runs and draws one panel
   per key, one line per run.
+* :func:`plot_scorecards` draws the headline ShapesBench figures of several scorecards (``cheers eval shapes
+  --scorecard``) against the training samples each model had seen, with the targets as dashed lines.
 * :func:`plot_hfi` takes the HFI gate maps a pipeline returns (``return_hfi_maps=True``: per image an
   (S, h, w) tensor of the raw gate at each of the S sampling steps) and draws the mean raw gate per step
   (mean and spread over images) above a heatmap strip of the gate maps averaged over images.
@@ -130,6 +132,66 @@ def plot_curves(
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
+    return _save(fig, out)
+
+
+SCORECARD_FIGURES = (
+    ("ShapesGenEval", ("geneval", "summary", "overall"), 0.90),
+    ("ShapesVQA", ("vqa", "overall"), 0.95),
+    ("OCR", ("vqa", "ocr_accuracy"), 0.90),
+    ("ShapesEdit", ("edit", "correct"), 0.80),
+)
+"""(label, key path in a scorecard, target) of the figures :func:`plot_scorecards` draws."""
+
+
+def scorecard_figures(card: dict) -> dict[str, float]:
+    """The SCORECARD_FIGURES a scorecard holds (a task it did not run is left out)."""
+    out = {}
+    for label, path, _ in SCORECARD_FIGURES:
+        value: object = card
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[label] = float(value)
+    return out
+
+
+def plot_scorecards(points: Sequence[tuple[float, dict]], out: str | Path, title: str | None = None) -> Path:
+    """Scorecard figures against training samples seen: one line per figure, targets dashed, saved as PNG.
+
+    Args:
+        points: (samples seen, scorecard dict) pairs, in any order.
+    """
+    from matplotlib.figure import Figure
+
+    if not points:
+        raise ValueError("no scorecards to plot")
+    points = sorted(points, key=lambda p: p[0])
+    fig = Figure(figsize=(6.4, 3.8), dpi=110, layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = 0
+    for n, (label, _, target) in enumerate(SCORECARD_FIGURES):
+        xs, ys = [], []
+        for samples, card in points:
+            value = scorecard_figures(card).get(label)
+            if value is not None:
+                xs.append(samples)
+                ys.append(value)
+        if not xs:
+            continue
+        color = f"C{n}"
+        ax.plot(xs, ys, marker="o", color=color, label=label)
+        ax.axhline(target, color=color, linestyle="--", linewidth=0.8, alpha=0.6)
+        drawn += 1
+    if not drawn:
+        raise ValueError("none of the scorecards holds a ShapesBench figure")
+    ax.set_xlabel("training samples seen")
+    ax.set_ylabel("score (dashed: target)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
     return _save(fig, out)
 
 

@@ -1,6 +1,7 @@
 """ShapesBench: generation, understanding and editing of one model judged on ShapesWorld, in one run.
 
-Three tasks, all on the test split's seeds (never trained on), all judged by the deterministic scene parser:
+Three tasks, all on one held-out split's seeds (``test`` by default; tune settings on ``val``, report on
+``test``), all judged by the deterministic scene parser:
 
 * ShapesGenEval: ``n`` prompt specs per GenEval tag (``+ dense`` optionally) -> the GenEval runner (same
   layout, seeds and resuming, in ``<out>/geneval``) -> :func:`judge_geneval_folder`; plus the
@@ -63,6 +64,7 @@ VQA_WORLD = WorldConfig(text_prob=0.5)
 # Streams of the test split's seeds per task, so the tasks' scenes are independent of each other.
 _VQA_STREAM, _EDIT_STREAM = 1, 2
 PASS, FAIL = (40, 170, 60), (215, 40, 40)
+HELD_OUT = ("test", "val")
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,11 @@ class ShapesBenchConfig:
 
     n: prompts per tag (ShapesGenEval), scenes (ShapesVQA) and edits (ShapesEdit).
     tasks: a subset of TASKS. dense: add dense (DPG-like) prompts to GenEval's six tags.
-    num_images, steps, guidance: text-to-image (None: the model's defaults).
+    num_images, steps, guidance, shift: text-to-image (None: the model's defaults).
     edit_steps, edit_guidance: editing (None: the model's defaults). max_new_tokens: VQA answers.
     resolution: side of the rendered input scenes (default: the processor's image size).
     chat_batch: questions per chat call.
+    split: the held-out seeds to draw from: "test" (scorecards) or "val" (for choosing settings).
     """
 
     n: int = 10
@@ -83,14 +86,18 @@ class ShapesBenchConfig:
     num_images: int = 4
     steps: int | None = None
     guidance: float | None = None
+    shift: float | None = None
     edit_steps: int | None = None
     edit_guidance: float | None = None
     max_new_tokens: int = 16
     seed: int = 0
     resolution: int | None = None
     chat_batch: int = 8
+    split: str = "test"
 
     def __post_init__(self) -> None:
+        if self.split not in HELD_OUT:
+            raise ValueError(f"split must be one of {HELD_OUT} (the training split is not held out), got {self.split!r}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -127,10 +134,10 @@ def run_shapes_bench(
 
 
 # -- ShapesGenEval -------------------------------------------------------------------------------------------
-def geneval_items(n: int, dense: bool = False) -> list[tuple[dict[str, Any], Any]]:
-    """(spec, reference scene) pairs: n per tag, the same ones as ``cheers shapes prompts --n n``."""
+def geneval_items(n: int, dense: bool = False, split: str = "test") -> list[tuple[dict[str, Any], Any]]:
+    """(spec, reference scene) pairs: n per tag, the same ones as ``cheers shapes prompts --n n`` (test)."""
     tags = PROMPT_TAGS if dense else GENEVAL_TAGS
-    seeds = split_seeds("test", n * len(tags))
+    seeds = split_seeds(split, n * len(tags))
     return [
         sample_generation(np.random.default_rng(int(seeds[i])), tags[i % len(tags)])
         for i in range(len(seeds))
@@ -140,13 +147,14 @@ def geneval_items(n: int, dense: bool = False) -> list[tuple[dict[str, Any], Any
 def shapes_geneval(
     pipe, out: Path, cfg: ShapesBenchConfig, model_name: str, progress: bool
 ) -> dict[str, Any]:
-    items = geneval_items(cfg.n, cfg.dense)
+    items = geneval_items(cfg.n, cfg.dense, cfg.split)
     prompt_file = out / "geneval_prompts.jsonl"
     write_text_atomic(prompt_file, "".join(json.dumps(spec) + "\n" for spec, _ in items))
     settings = SamplingSettings(
         num_images=cfg.num_images,
         num_inference_steps=cfg.steps,
         guidance_scale=cfg.guidance,
+        shift=cfg.shift,
         seed=cfg.seed,
         prompt_template=PROMPT_TEMPLATE,
         batch_size=cfg.num_images,
@@ -242,10 +250,10 @@ def _vae_resolution(directory: str | Path) -> int:
 
 
 # -- ShapesVQA -----------------------------------------------------------------------------------------------
-def vqa_items(n: int) -> list[tuple[int, Any, list[dict[str, Any]]]]:
-    """(seed, scene, questions) for n test scenes (VQA_WORLD)."""
+def vqa_items(n: int, split: str = "test") -> list[tuple[int, Any, list[dict[str, Any]]]]:
+    """(seed, scene, questions) for n scenes of a held-out split (VQA_WORLD)."""
     out = []
-    for seed in split_seeds("test", n):
+    for seed in split_seeds(split, n):
         scene = sample_scene(np.random.default_rng([int(seed), _VQA_STREAM]), VQA_WORLD)
         out.append((int(seed), scene, scene_questions(scene, np.random.default_rng([int(seed), 7]))))
     return out
@@ -254,7 +262,7 @@ def vqa_items(n: int) -> list[tuple[int, Any, list[dict[str, Any]]]]:
 def shapes_vqa(pipe, cfg: ShapesBenchConfig, res: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     convs, images = [], []
-    for seed, scene, questions in vqa_items(cfg.n):
+    for seed, scene, questions in vqa_items(cfg.n, cfg.split):
         image = render_scene(scene, res)
         for q in questions:
             rows.append({"seed": seed, **q})
@@ -275,10 +283,10 @@ def shapes_vqa(pipe, cfg: ShapesBenchConfig, res: int) -> dict[str, Any]:
 
 
 # -- ShapesEdit ----------------------------------------------------------------------------------------------
-def edit_items(n: int) -> list[tuple[int, Any]]:
-    """(seed, EditSample) for n test scenes."""
+def edit_items(n: int, split: str = "test") -> list[tuple[int, Any]]:
+    """(seed, EditSample) for n scenes of a held-out split."""
     return [
-        (int(s), sample_edit(np.random.default_rng([int(s), _EDIT_STREAM]))) for s in split_seeds("test", n)
+        (int(s), sample_edit(np.random.default_rng([int(s), _EDIT_STREAM]))) for s in split_seeds(split, n)
     ]
 
 
@@ -286,7 +294,7 @@ def shapes_edit(pipe, out: Path, cfg: ShapesBenchConfig, res: int) -> dict[str, 
     folder = out / "edit"
     folder.mkdir(exist_ok=True)
     rows, tiles = [], []
-    for i, (seed, sample) in enumerate(edit_items(cfg.n)):
+    for i, (seed, sample) in enumerate(edit_items(cfg.n, cfg.split)):
         source, target = render_scene(sample.source, res), render_scene(sample.target, res)
         generator = torch.Generator(device=pipe.device).manual_seed(cfg.seed + seed)
         edited = pipe.edit(
