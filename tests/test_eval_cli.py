@@ -118,6 +118,13 @@ def test_eval_dpg_and_shapes(model_dir, tmp_path, capsys):
         == 0
     )
     assert "ShapesVQA overall" in capsys.readouterr().out
+    gain_file = tmp_path / "gain.json"
+    assert main(["eval", "prompt-gain", "--model", model_dir, "--n", "2", "--times", "0.5",
+                 "--out", str(gain_file), "--quiet"]) == 0
+    assert "relative prompt gain" in capsys.readouterr().out
+    assert json.loads(gain_file.read_text())["times"] == [0.5]
+    with pytest.raises(SystemExit, match="--times"):
+        main(["eval", "prompt-gain", "--model", model_dir, "--times", "half"])
     assert json.loads((tmp_path / "sb" / "shapes_bench.json").read_text())["vqa"]["n_scenes"] == 1
 
 

@@ -95,6 +95,9 @@ def test_a_perfect_model_scores_full_marks(pipe, tmp_path):
     assert geneval["n_prompts"] == 7 * n and geneval["n_images"] == 14 * n  # six GenEval tags + dense
     assert all(v == 1.0 for v in geneval["summary"].values()), geneval["summary"]
     assert geneval["hf_fidelity"] == pytest.approx(1.0)
+    # the same perfect images judged against other prompts of their tags score far lower
+    assert geneval["other_prompt"]["overall"] <= 0.5, geneval["other_prompt"]
+    assert "against another prompt" in (tmp_path / "report.md").read_text()
     vqa = report["vqa"]["report"]
     assert vqa["overall"] == vqa["yes_no_f1"] == vqa["ocr_accuracy"] == 1.0
     assert {"exists", "where", "count", "background", "ocr"} <= set(vqa["accuracy"])
@@ -109,6 +112,7 @@ def test_the_tiny_model_runs_end_to_end(pipe, tmp_path):
     saved = json.loads((tmp_path / "shapes_bench.json").read_text())
     assert set(TASKS) <= set(saved) and saved["model"] == "tiny" and saved == json.loads(json.dumps(report))
     assert 0.0 <= saved["geneval"]["summary"]["overall"] <= 1.0
+    assert saved["geneval"]["other_prompt"] is None  # one prompt per tag: no other prompt to judge against
     assert {"yes_no_f1", "ocr_accuracy", "overall"} <= set(saved["vqa"]["report"])
     assert all({"prediction", "correct", "type"} <= set(it) for it in saved["vqa"]["items"])
     for sample in saved["geneval"]["samples"] + saved["edit"]["items"]:

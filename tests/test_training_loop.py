@@ -15,7 +15,13 @@ from cheers.models.pretrained import from_pretrained
 from cheers.processor import CheersProcessor
 from cheers.training import checkpointing
 from cheers.training.config import load_recipe
-from cheers.training.hooks import SampleImages, Score, shapes_sample_fn, shapes_score_fn
+from cheers.training.hooks import (
+    SampleImages,
+    Score,
+    shapes_prompt_gain_fn,
+    shapes_sample_fn,
+    shapes_score_fn,
+)
 from cheers.training.loop import Trainer, train
 from cheers.training.monitor import read_metrics
 from cheers.training.parts import build_model
@@ -147,12 +153,14 @@ def test_hooks_save_samples_and_log_scores(data, tmp_path):
     recipe = tiny_recipe(root, files, **{"train.steps": 2, "train.global_batch": 2})
     calls = []
     hooks = [SampleImages(2, shapes_sample_fn(count=2, steps=2)), Score(2, shapes_score_fn(count=2, steps=2)),
+             Score(2, shapes_prompt_gain_fn(count=2, times=(0.5,))),
              Score(1, lambda ctx: calls.append((ctx.step, ctx.model.training)) or {"custom": 1.0})]
     result = Trainer(recipe, tmp_path / "run", processor=tiny_processor(), hooks=hooks).run()
     assert calls == [(1, False), (2, False)]  # eval mode inside hooks
     assert (tmp_path / "run" / "samples" / "step-00000002.png").is_file()
     scores = [h for h in result.history if "shapes_geneval" in h]
     assert len(scores) == 1 and 0.0 <= scores[0]["shapes_geneval"] <= 1.0
+    assert math.isfinite(scores[0]["shapes_prompt_gain"])
     assert any("custom" in r for r in read_metrics(tmp_path / "run"))
 
 

@@ -185,6 +185,26 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prompt_gain(args: argparse.Namespace) -> int:
+    from .conditioning import prompt_gain, shapes_generation_records
+    from .runner import write_text_atomic
+
+    try:
+        times = tuple(float(t) for t in args.times.split(",") if t)
+    except ValueError:
+        raise SystemExit(f"--times wants comma-separated numbers in [0, 1), got {args.times!r}") from None
+    if args.n < 2:
+        raise SystemExit(f"--n must be at least 2 (prompts are swapped between samples), got {args.n}")
+    pipe = _pipeline(args)
+    result = prompt_gain(pipe.model, pipe.processor, shapes_generation_records(args.n, args.split), times,
+                         batch_size=args.batch_size)
+    print(result.table())
+    if args.out:
+        write_text_atomic(Path(args.out), json.dumps(result.as_dict(), indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_vae_ceiling(args: argparse.Namespace) -> int:
     from .shapes_bench import vae_ceiling_of
 
@@ -262,7 +282,7 @@ def cmd_plot_settings(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``eval {geneval,dpg,shapes}`` on an argparse subparsers object; returns the parser."""
+    """Register ``eval {geneval,dpg,shapes,prompt-gain,vae-ceiling}`` on an argparse subparsers object; returns the parser."""
     p = subparsers.add_parser(
         "eval", help="benchmarks: GenEval, DPG-Bench (images for their scorers), ShapesBench"
     )
@@ -307,6 +327,16 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                    help="also write the compact scorecard (summaries + per-item verdicts) that ships with a model")
     _model_args(s)
     s.set_defaults(func=cmd_shapes)
+
+    c = sub.add_parser("prompt-gain", help="does generation use the prompt? flow loss with each sample's own "
+                                            "prompt vs another's, per flow time (ShapesWorld prompts)")
+    c.add_argument("--n", type=int, default=64, help="generation samples (default 64)")
+    c.add_argument("--split", choices=("val", "test"), default="val")
+    c.add_argument("--times", default="0.1,0.3,0.5,0.7,0.9", help="flow times (0 = noise), comma-separated")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    _model_args(c)
+    c.set_defaults(func=cmd_prompt_gain)
 
     v = sub.add_parser("vae-ceiling", help="ShapesGenEval of reference renders through a VAE: the best a "
                                            "generator could score through it (check a stage-0 VAE with it)")

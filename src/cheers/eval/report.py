@@ -39,10 +39,14 @@ def shapes_markdown(report: dict[str, Any]) -> str:
             f"{g['hf_fidelity']:.3f} (1 = as much fine detail as the ground truth).",
             "",
         ]
-        ceiling = g.get("vae_ceiling", {})
-        lines += _table(["tag", "accuracy %", "VAE ceiling %"],
-                        [[t, _pct(a), _pct(ceiling[t]) if t in ceiling else "—"] for t, a in g["summary"].items()])
-        lines += ["", "VAE ceiling: the same judge on the reference renders passed through the model's VAE — the "
+        ceiling = g.get("vae_ceiling") or {}
+        other = g.get("other_prompt") or {}
+        lines += _table(["tag", "accuracy %", "against another prompt %", "VAE ceiling %"],
+                        [[t, _pct(a), _pct(other[t]) if t in other else "—", _pct(ceiling[t]) if t in ceiling else "—"]
+                         for t, a in g["summary"].items()])
+        lines += ["", "Against another prompt: each image judged against the next prompt of its tag — what a "
+                  "generator that ignored its prompt would score; the accuracy should be well above it.",
+                  "VAE ceiling: the same judge on the reference renders passed through the model's VAE — the "
                   "best a generator could reach through it."]
         fails = [s for s in g["samples"] if not s["correct"]][:MAX_FAILURES]
         if fails:

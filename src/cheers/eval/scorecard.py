@@ -36,7 +36,7 @@ def make_scorecard(report: dict[str, Any], command: str) -> dict[str, Any]:
     if "geneval" in report:
         g = report["geneval"]
         card["geneval"] = {"summary": g["summary"], "hf_fidelity": g["hf_fidelity"], "n_images": g["n_images"],
-                           "vae_ceiling": g.get("vae_ceiling")}
+                           "vae_ceiling": g.get("vae_ceiling"), "other_prompt": g.get("other_prompt")}
     if "vqa" in report:
         card["vqa"] = report["vqa"]["report"]
     if "edit" in report:

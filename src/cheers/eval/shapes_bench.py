@@ -170,8 +170,10 @@ def shapes_geneval(
     size = generated[0].size[0]
     references = [render_scene(scene, check_resolution(size)) for _, scene in items]
     contact_sheet(tiles, cols=max(cfg.num_images, 4)).save(out / "geneval_sheet.png")
+    tags = len(PROMPT_TAGS if cfg.dense else GENEVAL_TAGS)
     return {
         "summary": summary,
+        "other_prompt": other_prompt_control(items, [int(v.index) for v in verdicts], generated, tags),
         "vae_ceiling": vae_ceiling(pipe.model.model.vae_model, items, references),
         "hf_fidelity": hf_fidelity(generated, references),
         "n_prompts": len(items),
@@ -186,6 +188,23 @@ def shapes_geneval(
             for v in verdicts
         ],
     }
+
+
+def other_prompt_control(items: list[tuple[dict[str, Any], Any]], indices: list[int], images: list[Image.Image],
+                         stride: int) -> dict[str, float] | None:
+    """ShapesGenEval of each image judged against *another* prompt of its tag (item ``index + stride``; prompts
+    cycle through the tags, so the stride is the number of tags).
+
+    What a generator that ignored its prompt would score: compare it with the summary. None when there is
+    only one prompt per tag.
+    """
+    if len(items) <= stride:
+        return None
+    results = []
+    for index, image in zip(indices, images):
+        spec = items[(index + stride) % len(items)][0]
+        results.append((spec["tag"], score_spec(parse_image(np.asarray(image.convert("RGB"))), spec).correct))
+    return summarize_geneval(results)
 
 
 @torch.no_grad()

@@ -160,6 +160,19 @@ def shapes_score_fn(count: int = 8, steps: int = 20, guidance: float = 3.0, firs
     return score
 
 
+def shapes_prompt_gain_fn(count: int = 16, times: Sequence[float] = (0.2, 0.5, 0.8), first: int = 200) -> ScoreFn:
+    """The prompt gain (:mod:`cheers.eval.conditioning`) on fixed ShapesWorld validation samples: how much
+    the flow loss rises when each image gets another sample's prompt. Near 0 = generation ignores the text."""
+
+    def score(ctx: HookContext) -> dict[str, float]:
+        from cheers.eval.conditioning import prompt_gain, shapes_generation_records
+
+        records = shapes_generation_records(count, "val", first)
+        return {"shapes_prompt_gain": prompt_gain(ctx.model, ctx.processor, records, times).relative_gain}
+
+    return score
+
+
 def default_hooks(recipe_log: Any, uses_shapes: bool) -> list[Hook]:
     """The recipe's ``log.sample_every`` / ``log.score_every`` hooks (ShapesWorld only; others pass their own)."""
     hooks: list[Hook] = []
@@ -170,4 +183,5 @@ def default_hooks(recipe_log: Any, uses_shapes: bool) -> list[Hook]:
                                                                              recipe_log.sample_steps)))
     if recipe_log.score_every > 0:
         hooks.append(Score(recipe_log.score_every, shapes_score_fn(steps=recipe_log.sample_steps)))
+        hooks.append(Score(recipe_log.score_every, shapes_prompt_gain_fn()))
     return hooks

@@ -1,0 +1,66 @@
+"""The prompt-gain probe tells a generator that reads its prompt from one that ignores it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cheers.eval.conditioning import prompt_gain, shapes_generation_records
+from cheers.processor import CheersProcessor
+
+from model_helpers import tiny_model
+from tiny_tokenizer import make_tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+TIMES = (0.2, 0.7)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    processor = CheersProcessor(make_tiny_tokenizer(), image_size=128, patch_size=16)
+    model = tiny_model(seed=3)
+    model.special = processor.special
+    return model, processor, shapes_generation_records(4)
+
+
+def test_a_model_that_reads_the_prompt_has_a_gain(parts):
+    model, processor, records = parts
+    result = prompt_gain(model, processor, records, TIMES, batch_size=3)  # two batches
+    assert result.n == 4 and result.times == TIMES
+    assert max(abs(g) for g in result.gain) > 2e-5, result
+    assert result.unconditional != result.own
+    assert set(result.as_dict()) >= {"own", "other", "unconditional", "gain", "relative_gain"}
+    assert "relative prompt gain" in result.table()
+    json.dumps(result.as_dict())
+
+
+def test_a_model_blind_to_its_prompt_has_none(parts, monkeypatch):
+    import cheers.models.cheers as cheers_module
+    from cheers.models.sequence import hybrid_mask
+
+    def image_sees_only_images(image_flags, valid):  # image queries may not attend to any text key
+        text_keys = image_flags[:, :, None] & ~image_flags[:, None, :]
+        return hybrid_mask(image_flags, valid) & ~text_keys[:, None]
+
+    model, processor, records = parts
+    with monkeypatch.context() as m:
+        m.setattr(cheers_module, "hybrid_mask", image_sees_only_images)
+        result = prompt_gain(model, processor, records, TIMES)
+    assert max(abs(g) for g in result.gain) < 1e-6, result.gain
+    same = [records[0]] * 3  # one prompt everywhere: swapping changes nothing, exactly
+    assert prompt_gain(model, processor, same, TIMES).gain == (0.0, 0.0)
+
+
+def test_bad_inputs_are_named(parts):
+    model, processor, records = parts
+    with pytest.raises(ValueError, match="at least 2 records"):
+        prompt_gain(model, processor, records[:1])
+    with pytest.raises(ValueError, match="times must be"):
+        prompt_gain(model, processor, records, (0.5, 1.0))
+    from cheers.data.shapes import make_sample
+
+    und = make_sample(5, "understanding")
+    images = und.pop("images")
+    with pytest.raises(ValueError, match="text-to-image"):
+        prompt_gain(model, processor, [records[0], (und, images)])
