@@ -84,7 +84,20 @@ def test_stage_one_trains_exactly_the_alignment_groups():
 def test_deviations_name_what_differs():
     recipe = load_recipe("stage2", ["train.lr=3e-4", "data.sources.2.ratio=5"])
     found = " ".join(deviations(recipe))
-    assert "train.lr" in found and "mixture" in found
+    assert "train.lr" in found and "mixture" in found and "time_sampling" not in found
+    noisy = load_recipe("stage2", ["data.time_sampling.kind=logit_normal", "data.time_sampling.loc=-1"])
+    assert noisy.data.time_sampling == {"kind": "logit_normal", "loc": -1}
+    assert "data.time_sampling" in " ".join(deviations(noisy))
+
+
+def test_time_sampling_is_checked():
+    assert load_recipe("stage2").data.time_sampling == {"kind": "uniform"}  # the release
+    for override, message in [("data.time_sampling.kind=beta", "unknown time sampling"),
+                              ("data.time_sampling.scale=0", "scale > 0"),
+                              ("data.time_sampling.mode=1", "kind, loc, scale")]:
+        sets = [override] if "kind" in override else ["data.time_sampling.kind=logit_normal", override]
+        with pytest.raises(RecipeError, match=message):
+            load_recipe("stage2", sets)
 
 
 def test_lr_schedule_warmup_then_constant_or_cosine():

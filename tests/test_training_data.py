@@ -71,6 +71,21 @@ def test_cfg_dropout_rewrites_generation_ids_only(data):
     assert 0.12 < rate < 0.28
 
 
+def test_time_sampling_of_generation_images(data):
+    from cheers.flow import sample_t
+
+    proc = tiny_processor()
+    record = _source(data, "gen").load(0)
+    noisy = SampleBuilder(proc, LATENT, 0.0, time_sampling={"kind": "logit_normal", "loc": -1.5, "scale": 0.5})
+    times = torch.cat([noisy(*record, seed=s).t for s in range(400)])
+    assert 0.12 < float(times.median()) < 0.25 and float(times.max()) < 0.6  # sigmoid(-1.5) = 0.18
+    uniform = torch.cat([SampleBuilder(proc, LATENT, 0.0)(*record, seed=s).t for s in range(400)])
+    assert 0.4 < float(uniform.median()) < 0.6
+    assert float(sample_t(1000, torch.Generator().manual_seed(0)).min()) >= 1e-6
+    with pytest.raises(ValueError, match="unknown time sampling"):
+        SampleBuilder(proc, LATENT, 0.0, time_sampling={"kind": "cosmic"})
+
+
 def test_collate_pads_right_and_keeps_image_order(data):
     proc = tiny_processor()
     build = SampleBuilder(proc, LATENT, cfg_dropout=0.0)

@@ -8,7 +8,7 @@
 * The release's time shift ``shift(t) = α·t / (1 + (α − 1)·t)``; α = 1 is no shift, α < 1 spends more
   steps near t = 0 (the noise end). Diffusers' ``shift`` s (the SD3/FLUX convention on "sigma" = 1 − t)
   is the same map with α = 1/s.
-* Training draws t ~ U(0, 1) for generation images, clamped to [1e-6, 1 − 1e-6].
+* Training draws t ~ U(0, 1) for generation images, clamped to [1e-6, 1 − 1e-6] (a logit-normal draw is opt-in).
 """
 
 from __future__ import annotations
@@ -38,9 +38,25 @@ def time_shift(t: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * t / (1 + (alpha - 1) * t)
 
 
-def sample_t(n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Training times for generation images: U(0, 1) clamped to [1e-6, 1 − 1e-6]."""
-    return torch.rand(n, generator=generator, device=device).clamp(T_EPS, 1 - T_EPS)
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_t(n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+             kind: str = "uniform", loc: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """Training times for generation images, clamped to [1e-6, 1 − 1e-6].
+
+    ``uniform`` (the release): U(0, 1). ``logit_normal`` (opt-in, SD3's): ``sigmoid(loc + scale·ε)``, ε ~ N(0, 1);
+    ``loc < 0`` puts more of the training on the noisy end (t near 0), where only the prompt says what to draw.
+    """
+    if kind == "uniform":
+        t = torch.rand(n, generator=generator, device=device)
+    elif kind == "logit_normal":
+        if not scale > 0:
+            raise ValueError(f"logit-normal time sampling needs scale > 0, got {scale}")
+        t = torch.sigmoid(loc + scale * torch.randn(n, generator=generator, device=device))
+    else:
+        raise ValueError(f"unknown time sampling {kind!r}; choose one of {TIME_SAMPLINGS}")
+    return t.clamp(T_EPS, 1 - T_EPS)
 
 
 def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

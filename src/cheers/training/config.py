@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from cheers.flow import sample_t
+
 
 class RecipeError(ValueError):
     """A recipe is missing, malformed, or has an unknown or invalid value (the message names its path)."""
@@ -85,6 +87,8 @@ class DataSection:
     processor: str | None = None  # tokenizer directory, "shapes", or None (= init.from_release / init.llm)
     sources: list[SourceSpec] = field(default_factory=list)
     cfg_dropout: float = 0.2  # probability that a generation sample's ids become the unconditional ones
+    # flow times of generation images: {kind: uniform} (the release) or {kind: logit_normal, loc, scale}
+    time_sampling: dict[str, Any] = field(default_factory=lambda: {"kind": "uniform"})
     num_workers: int = 2
     prefetch_factor: int = 2
     max_corrupt_fraction: float = 0.01  # stop when more than this fraction of read samples was corrupt
@@ -190,6 +194,13 @@ class Recipe:
             raise RecipeError(f"train.betas must have two entries, got {t.betas}")
         if not 0 <= d.cfg_dropout <= 1 or not 0 <= d.max_corrupt_fraction <= 1:
             raise RecipeError("data.cfg_dropout and data.max_corrupt_fraction must be in [0, 1]")
+        ts = d.time_sampling
+        if not isinstance(ts, dict) or set(ts) - {"kind", "loc", "scale"}:
+            raise RecipeError(f"data.time_sampling: want {{kind, loc, scale}}, got {ts!r}")
+        try:
+            sample_t(1, **ts)
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"data.time_sampling: {err}") from None
         names = [s.name for s in d.sources]
         if len(set(names)) != len(names):
             raise RecipeError(f"data.sources: names must be unique, got {names}")

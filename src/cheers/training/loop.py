@@ -139,7 +139,8 @@ class Trainer:
         cfg = model.config
         grid = cfg.image_size // cfg.patch_size
         builder = SampleBuilder(self.processor, (cfg.latent_channels, grid, grid), r.data.cfg_dropout,
-                                max_length=cfg.options.max_sequence_length, tokens_per_image=grid * grid // 4)
+                                max_length=cfg.options.max_sequence_length, tokens_per_image=grid * grid // 4,
+                                time_sampling=r.data.time_sampling)
         layout = Layout(t.micro_batch, accumulation, info.world_size, info.rank)
         dataset = MicroBatches(sources, ratios, builder, functools.partial(collate, pad_id=self.processor.special.pad),
                                layout, r.data.seed, r.data.max_retries)

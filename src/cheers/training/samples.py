@@ -62,16 +62,21 @@ class SampleBuilder:
         cfg_dropout: probability of the unconditional ids for samples with a generation image.
         max_length: samples whose expanded length (ids + N tokens per image) exceeds this are skipped.
         tokens_per_image: N, the LLM tokens of one image.
+        time_sampling: keyword arguments of :func:`cheers.flow.sample_t` (``kind``, ``loc``, ``scale``) for the
+            generation images' flow times; default the release's U(0, 1).
     """
 
     def __init__(self, processor: CheersProcessor, latent_shape: tuple[int, int, int], cfg_dropout: float = 0.2,
-                 max_length: int | None = None, tokens_per_image: int = 0) -> None:
+                 max_length: int | None = None, tokens_per_image: int = 0,
+                 time_sampling: dict[str, Any] | None = None) -> None:
         self.processor = processor
         self.special = processor.special
         self.latent_shape = tuple(latent_shape)
         self.cfg_dropout = cfg_dropout
         self.max_length = max_length
         self.tokens_per_image = tokens_per_image
+        self.time_sampling = dict(time_sampling or {})
+        sample_t(1, torch.Generator().manual_seed(0), **self.time_sampling)  # a bad kind or scale fails here
 
     def __call__(self, record: dict[str, Any], images: list[Any], seed: int) -> TrainSample:
         """Raises CorruptSample when the record's text, images or length cannot be used."""
@@ -109,7 +114,7 @@ class SampleBuilder:
                 times.append(torch.ones(1))
                 noise.append(torch.zeros(self.latent_shape))
             else:
-                times.append(sample_t(1, gen))
+                times.append(sample_t(1, gen, **self.time_sampling))
                 noise.append(torch.randn(self.latent_shape, generator=gen))
         if not markers:  # text only: the release's all-zero image at t = 0
             pixels.append(torch.zeros(3, size, size))

@@ -90,6 +90,8 @@ def deviations(recipe: Recipe) -> list[str]:
             out.append(f"train.{name} {getattr(t, name)} (paper: {getattr(p, name)})")
     if recipe.data.cfg_dropout != p.cfg_dropout:
         out.append(f"data.cfg_dropout {recipe.data.cfg_dropout} (paper: {p.cfg_dropout})")
+    if recipe.data.time_sampling.get("kind", "uniform") != "uniform":
+        out.append(f"data.time_sampling {recipe.data.time_sampling} (paper: uniform)")
     mix = recipe_mixture(recipe)
     if mix and "mixed" not in mix and _normalised(mix) != _normalised(p.mixture):
         out.append(f"data mixture {mix} (paper: {p.mixture})")
