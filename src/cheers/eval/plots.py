@@ -166,17 +166,13 @@ def plot_scorecards(points: Sequence[tuple[float, dict]], out: str | Path, title
 
     if not points:
         raise ValueError("no scorecards to plot")
-    points = sorted(points, key=lambda p: p[0])
+    figures = [(samples, scorecard_figures(card)) for samples, card in sorted(points, key=lambda p: p[0])]
     fig = Figure(figsize=(6.4, 3.8), dpi=110, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     drawn = 0
     for n, (label, _, target) in enumerate(SCORECARD_FIGURES):
-        xs, ys = [], []
-        for samples, card in points:
-            value = scorecard_figures(card).get(label)
-            if value is not None:
-                xs.append(samples)
-                ys.append(value)
+        xs = [samples for samples, values in figures if label in values]
+        ys = [values[label] for _, values in figures if label in values]
         if not xs:
             continue
         color = f"C{n}"
