@@ -17,6 +17,7 @@ from cheers.models.vae import (
     Upsample,
     patchify,
     polyphase_upsampling,
+    release_layers,
     set_polyphase_upsampling,
     unpatchify,
     upsample_conv,
@@ -115,6 +116,36 @@ def test_upsample_module_switches_between_the_two_forms():
     bf16 = Upsample(4).bfloat16()  # the summed taps are formed in float32, then cast once
     plain = bf16.conv(torch.nn.functional.interpolate(x.bfloat16(), scale_factor=2.0, mode="nearest"))
     assert (bf16(x.bfloat16()).float() - plain.float()).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoder_in_place_inference_is_bit_identical_to_the_autograd_path(channels_last):
+    """Without autograd the VAE blocks run SiLU and the residual add in place; same numbers, and training
+    (parameters recording gradients) still takes the out-of-place path and backpropagates."""
+    from cheers.config import VAEDecoderConfig
+    from cheers.models.vae import LatentDecoder
+
+    torch.manual_seed(0)
+    cfg = VAEDecoderConfig(resolution=64, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+    dec = LatentDecoder(cfg).eval()
+    if channels_last:
+        dec.to(memory_format=torch.channels_last)
+    z = torch.randn(2, 16, 2, 2)
+    with torch.no_grad():
+        fast = dec(z)
+    slow = dec(z)  # parameters require grad: every op out of place
+    assert slow.requires_grad and torch.equal(fast, slow)
+    slow.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dec.decoder.parameters())
+    z_grad = z.clone().requires_grad_()  # frozen weights, input recording gradients
+    dec.requires_grad_(False)
+    out = dec(z_grad)
+    (g,) = torch.autograd.grad(out.sum(), z_grad)
+    assert torch.equal(out.detach(), fast) and torch.isfinite(g).all()
+    with release_layers(dec), torch.no_grad():  # the release's out-of-place layers, literal upsampling
+        assert not any(getattr(m, "in_place", False) for m in dec.modules())
+        assert (dec(z) - fast).abs().max() < 1e-5
+    assert all(m.in_place for m in dec.modules() if hasattr(m, "in_place"))
 
 
 def test_polyphase_upsampling_context_restores_each_setting():

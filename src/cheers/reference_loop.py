@@ -13,7 +13,7 @@ import torch
 
 from cheers.generation import ImageSampler, prefill
 from cheers.models.cheers import Cheers
-from cheers.models.vae import polyphase_upsampling
+from cheers.models.vae import release_layers
 from cheers.sampling import apply_guidance, euler_sample, schedule
 from cheers.tokens import unconditional_ids
 
@@ -23,10 +23,11 @@ def release_style_sample(model: Cheers, input_ids: torch.Tensor, pixel_values: t
                          num_inference_steps: int, cfg_scale: float | None, alpha: float) -> torch.Tensor:
     """Text-to-image for one prompt (1, L) with its dummy image; returns the decoded image (1, 3, H, W).
 
-    The decoders upsample literally (interpolate, then a 3x3 conv), as the release does."""
+    The VAE layers run as the release's do (:func:`cheers.models.vae.release_layers`): literal upsampling
+    (interpolate, then a 3x3 conv), SiLU and residual adds out of place."""
     if input_ids.shape[0] != 1:
         raise ValueError("the release-style loop handles one prompt at a time")
-    with polyphase_upsampling(model, False):
+    with release_layers(model):
         return _release_style_sample(model, input_ids, pixel_values, noise, num_inference_steps, cfg_scale, alpha)
 
 

@@ -28,6 +28,24 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``silu(norm(x))``; with ``in_place``, in place on the fresh normalised tensor when no gradient is
+    recorded (same numbers, one large allocation fewer: on a CPU a fresh multi-megabyte tensor costs page
+    faults on first touch)."""
+    h = norm(x)
+    return F.silu(h, inplace=in_place and not h.requires_grad)
+
+
+def _residual(x: torch.Tensor, h: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``x + h`` with ``h`` a fresh branch output; with ``in_place``, accumulated into ``h`` when no gradient
+    is recorded and both have the same layout (the same additions into the same memory format, so the same
+    numbers downstream)."""
+    if (not in_place or h.requires_grad or x.requires_grad or h.shape != x.shape or h.dtype != x.dtype
+            or h.stride() != x.stride()):
+        return x + h
+    return h.add_(x)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -36,13 +54,14 @@ class ResnetBlock(nn.Module):
         self.norm2 = _group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.in_place = True  # SiLU and residual add in place without autograd; see release_layers()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_norm_silu(self.norm1, x, self.in_place))
+        h = self.conv2(_norm_silu(self.norm2, h, self.in_place))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
-        return x + h
+        return _residual(x, h, self.in_place)
 
 
 class AttnBlock(nn.Module):
@@ -55,6 +74,7 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.in_place = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, height, width = x.shape
@@ -62,7 +82,7 @@ class AttnBlock(nn.Module):
         q, k, v = (rearrange(f(h), "b c y x -> b 1 (y x) c") for f in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, c), scale c^-0.5
         h = rearrange(h, "b 1 (y x) c -> b c y x", y=height, x=width)
-        return x + self.proj_out(h)
+        return _residual(x, self.proj_out(h), self.in_place)
 
 
 class Downsample(nn.Module):
@@ -155,6 +175,22 @@ def polyphase_upsampling(module: nn.Module, enabled: bool) -> Iterator[None]:
             m.polyphase = flag
 
 
+@contextmanager
+def release_layers(module: nn.Module) -> Iterator[None]:
+    """The VAE layers exactly as the release computes them, for the duration: literal upsampling
+    (interpolate, then conv) and every SiLU and residual add out of place. Each setting is restored after."""
+    blocks = [m for m in module.modules() if hasattr(m, "in_place")]
+    saved = [m.in_place for m in blocks]
+    try:
+        for m in blocks:
+            m.in_place = False
+        with polyphase_upsampling(module, False):
+            yield
+    finally:
+        for m, flag in zip(blocks, saved):
+            m.in_place = flag
+
+
 class _Mid(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -188,6 +224,7 @@ class Encoder(nn.Module):
         self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.in_place = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -196,7 +233,7 @@ class Encoder(nn.Module):
                 h = block(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        h = self.conv_out(_norm_silu(self.norm_out, self.mid(h), self.in_place))
         return self.quant_conv(h)  # (B, 2z, H/f, W/f)
 
 
@@ -223,6 +260,7 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
+        self.in_place = True
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(self.post_quant_conv(z)))
@@ -231,7 +269,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_norm_silu(self.norm_out, h, self.in_place))
 
 
 def patchify(m: torch.Tensor) -> torch.Tensor:
