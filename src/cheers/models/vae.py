@@ -94,53 +94,38 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right and bottom only (asymmetric)
 
 
-# Which rows of a 3-tap kernel land on the two low-resolution taps of each output phase, when a 3x3 conv
-# (padding 1) follows a 2x nearest upsampling: phase 0 (even output rows) reads rows (i-1, i) with weights
-# (w0, w1+w2); phase 1 (odd rows) reads (i, i+1) with weights (w0+w1, w2). Same for columns.
-_PHASE_TAPS = (((1, 0, 0), (0, 1, 1)),
-               ((1, 1, 0), (0, 0, 1)))
+# ``conv3x3(nearest_upsample_2x(x))`` as a stride-2 transposed convolution with a 4-tap kernel per axis: in
+# 1-D, output 2i reads x[i-1]·w0 + x[i]·(w1+w2) and output 2i+1 reads x[i]·(w0+w1) + x[i+1]·w2, which is
+# conv_transpose(x, k, stride 2, padding 1) with k = (w2, w1+w2, w0+w1, w0). Row u of the matrix says which
+# of the three taps are summed into tap u of k.
+_UPSAMPLE_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
 
 
 @functools.lru_cache(maxsize=16)
-def _phase_taps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(_PHASE_TAPS, dtype=dtype, device=device)  # (phase, tap, k), made once per device
+def _upsample_taps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(_UPSAMPLE_TAPS, dtype=dtype, device=device)  # (4, 3), made once per device
 
 
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv3x3(nearest_upsample_2x(x))`` computed on the low-resolution grid: (B, C, H, W) -> (B, O, 2H, 2W).
 
-    Each of the four output phases is a 2x2 convolution of ``x`` (the 3x3 kernel's taps that fall on the same
-    source pixel are summed), so one 2x2 convolution with 4·O output channels over ``x`` padded by one gives
-    all of them: 16 multiply-adds per source pixel and channel pair instead of 36, and the 4x larger
-    upsampled tensor is never made. Equal to the plain form up to float rounding (the summed taps); the
-    output keeps ``x``'s memory format. The combined kernel is built in at least float32.
+    Each output pixel of the pair reads a 2x2 neighbourhood of ``x`` (the 3x3 taps that fall on the same
+    source pixel are summed), which is a stride-2 transposed convolution with a 4x4 kernel: 16 multiply-adds
+    per output pixel and channel pair instead of 36, and the 4x larger upsampled tensor is never made. The
+    library's transposed convolution writes the interleaved output directly. Equal to the plain form up to
+    float rounding (the summed taps); the output keeps ``x``'s memory format. The kernel is formed in at
+    least float32.
     """
-    batch, _, height, width = x.shape
-    out_channels = weight.shape[0]
     work = torch.promote_types(weight.dtype, torch.float32)
-    taps = _phase_taps(work, weight.device)
-    kernel = torch.einsum("aik,ockl,bjl->abocij", taps, weight.to(work), taps)  # (2, 2, O, C, 2, 2)
-    kernel = kernel.reshape(4 * out_channels, weight.shape[1], 2, 2).to(weight.dtype)
-    phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, None if bias is None else bias.repeat(4))
-    phases = phases.view(batch, 2, 2, out_channels, height + 1, width + 1)
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if channels_last:
-        base = phases.new_empty(batch, height, 2, width, 2, out_channels)
-        out = base.permute(0, 5, 1, 2, 3, 4)
-    else:
-        base = out = phases.new_empty(batch, out_channels, height, 2, width, 2)
-    for a in (0, 1):
-        for b in (0, 1):
-            out[:, :, :, a, :, b] = phases[:, a, b, :, a:a + height, b:b + width]
-    if channels_last:
-        return base.view(batch, 2 * height, 2 * width, out_channels).permute(0, 3, 1, 2)
-    return base.view(batch, out_channels, 2 * height, 2 * width)
+    taps = _upsample_taps(work, weight.device)
+    kernel = torch.einsum("ui,ocij,vj->couv", taps, weight.to(work), taps).to(weight.dtype)  # (C, O, 4, 4)
+    return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
 
 
 class Upsample(nn.Module):
     """2x nearest upsampling, then a 3x3 conv. ``polyphase`` (default) computes the pair on the low-resolution
-    grid (:func:`upsample_conv`, 2.25x fewer FLOPs, same numbers up to rounding); ``False`` runs the literal
-    interpolate-then-conv, as the release does."""
+    grid as one transposed convolution (:func:`upsample_conv`, 2.25x fewer FLOPs, same numbers up to
+    rounding); ``False`` runs the literal interpolate-then-conv, as the release does."""
 
     def __init__(self, channels: int, polyphase: bool = True) -> None:
         super().__init__()
