@@ -8,6 +8,8 @@ step, the FLOPs of one guided step of each, images/s at several batch sizes, and
     python bench/bench_sampling.py --preset small --solvers euler,multistep,heun --guidance-interval 0.2 1
 
 ``--solvers`` / ``--guidance-interval`` add rows timing our sampler with those options (same steps).
+``--breakdown`` prints, for one image of each path, where its time goes (ms per image and calls per image of
+the tokenizer-side VAE decoder, the ViT, the LLM, the flow heads, the VAE encoder and the output decode).
 """
 
 from __future__ import annotations
@@ -46,6 +48,50 @@ def prompt(model: Cheers, length: int, device: str) -> torch.Tensor:
     return torch.tensor([[s.chat_start, *body, s.chat_end, s.newline, s.im_start]], device=device)
 
 
+# the parts of a text-to-image call, as (label, attribute path under model.model)
+PARTS = (("tokenizer VAE decoder", "vae_decoder_projector"), ("ViT", "vision_representation.encoder"),
+         ("ViT patch embedding", "vision_representation.embeddings"), ("LLM", "language_model"),
+         ("flow head stage 1", "gen_projector"), ("flow head stage 2", "hi_projector"), ("HFI gate", "hi_gate"),
+         ("understanding projector", "und_projector"), ("VAE encoder (prompt image)", "vae_model.encoder"),
+         ("VAE decoder (output image)", "vae_model.decoder"))
+
+
+def breakdown(model: Cheers, fn, sync) -> tuple[float, list[tuple[str, float, int]]]:
+    """Run ``fn`` once with timing hooks on the model's parts: (total s, [(part, s, calls)])."""
+    spent: dict[str, list[float]] = {label: [] for label, _ in PARTS}
+    handles, start = [], {}
+    for label, path in PARTS:
+        module = model.model.get_submodule(path)
+
+        def pre(_m, _a, label=label):
+            sync()
+            start[label] = time.perf_counter()
+
+        def post(_m, _a, _o, label=label):
+            sync()
+            spent[label].append(time.perf_counter() - start[label])
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        total = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    return total, [(label, sum(v), len(v)) for label, v in spent.items()]
+
+
+def print_breakdown(label: str, total: float, parts: list[tuple[str, float, int]]) -> None:
+    print(f"where the time of one image goes ({label}, {total:.3f} s with the timing hooks):")
+    for name, seconds, calls in parts + [("rest (sampler, cache, glue)", total - sum(p[1] for p in parts), 0)]:
+        if seconds > 0 or calls:
+            print(f"  {name:28s} {seconds * 1e3:9.1f} ms  {100 * seconds / total:5.1f} %  "
+                  + (f"{calls:3d} calls" if calls else ""))
+
+
 def timed(fn, repeats: int, sync) -> float:
     fn()  # warm-up
     sync()
@@ -70,6 +116,7 @@ def main() -> None:
     ap.add_argument("--solvers", default="", help="comma-separated solvers to time as well (e.g. multistep,heun)")
     ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
                     help="also time our sampler guiding only over [T_LO, T_HI] (per solver in --solvers)")
+    ap.add_argument("--breakdown", action="store_true", help="print where the time of one image goes, per path")
     args = ap.parse_args()
     solvers = [check_solver(x) for x in args.solvers.split(",") if x]
     dtype = getattr(torch, args.dtype)
@@ -121,6 +168,9 @@ def main() -> None:
             print(f"{label:14s} {t:8.3f} s/image  {t / args.steps * 1e3:8.1f} ms/step  "
                   f"{f / 1e9:9.2f} GFLOP/step  {f * args.steps / t / 1e12:7.3f} TFLOP/s")
         print(f"speed-up (release-style / ours, same run): {t_rel / t_ours:.2f}x")
+        if args.breakdown:
+            print_breakdown("release-style", *breakdown(model, release, sync))
+            print_breakdown("ours", *breakdown(fast, ours, sync))
         intervals = [None] + ([tuple(args.guidance_interval)] if args.guidance_interval else [])
         for solver in solvers or (["euler"] if args.guidance_interval else []):
             for interval in intervals:
