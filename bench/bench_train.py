@@ -3,7 +3,9 @@
 CPU: the ``tiny`` preset (128 px), one process. CUDA (when present): the ``official`` preset (2.57 B parameters,
 512 px, random weights), bf16 autocast, FSDP2 on one GPU, all groups but the VAE trained; also the peak GPU
 memory. Each configuration runs ``--warmup`` steps, then ``--steps`` measured steps; the reported number is the
-median of the measured steps' samples/s.
+median of the measured steps' samples/s. The FLOPs of one optimizer step (forward and backward, counted on the last
+warm-up step) give the achieved TFLOP/s and the model-FLOPs utilisation against a large matmul measured in the
+same run on the same device and dtype (``--no-flops`` skips the count).
 
     python bench/bench_train.py                          # CPU tiny (and official on CUDA when available)
     python bench/bench_train.py --cpu-only --micro-batch 8
@@ -20,6 +22,7 @@ import time
 
 import torch
 
+from cheers.flops import counting_flops
 from cheers.training.config import recipe_from_dict
 from cheers.training.loop import Trainer
 
@@ -42,19 +45,64 @@ def recipe(preset: str, micro: int, steps: int, workers: int, device: str, strat
     })
 
 
-def measure(label: str, r, warmup: int) -> None:
+class CountingTrainer(Trainer):
+    """The real trainer; counts the FLOPs of its ``count_at``-th optimizer step (0-based; None: none)."""
+
+    def __init__(self, *args, count_at: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_at, self.calls, self.step_flops = count_at, 0, None
+
+    def _step(self, *args, **kwargs):
+        index, self.calls = self.calls, self.calls + 1
+        if index != self.count_at:
+            return super()._step(*args, **kwargs)
+        with counting_flops() as counter:
+            metrics = super()._step(*args, **kwargs)
+        self.step_flops = counter.get_total_flops()
+        return metrics
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int) -> float:
+    """FLOP/s of an n x n x n matmul on ``device`` in ``dtype``, best of 5 (the MFU denominator)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def measure(label: str, r, warmup: int, count: bool) -> None:
+    count_at = warmup - 1 if count and warmup > 0 else None  # a warm-up step: the counting slows it down
     with tempfile.TemporaryDirectory() as out:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        history = Trainer(r, out).run().history
+        trainer = CountingTrainer(r, out, count_at=count_at)
+        history = trainer.run().history
         total = time.perf_counter() - start
     rates = [h["samples_per_s"] for h in history[warmup:]]
-    line = (f"{label:<44} micro-batch {r.train.micro_batch:>2}: {statistics.median(rates):8.2f} samples/s "
-            f"({1 / statistics.median(rates) * r.train.micro_batch:6.3f} s/step; run incl. setup {total:5.1f} s)")
+    rate = statistics.median(rates)
+    line = (f"{label:<44} micro-batch {r.train.micro_batch:>2}: {rate:8.2f} samples/s "
+            f"({1 / rate * r.train.global_batch:6.3f} s/step; run incl. setup {total:5.1f} s)")
     if torch.cuda.is_available() and r.engine.device != "cpu":
         line += f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     print(line, flush=True)
+    if trainer.step_flops:
+        device = "cpu" if r.engine.device == "cpu" else "cuda"
+        dtype, n = (torch.float32, 2048) if device == "cpu" else (torch.bfloat16, 8192)
+        peak = matmul_peak(device, dtype, n)
+        achieved = trainer.step_flops * rate / r.train.global_batch
+        print(f"{'':<44} {trainer.step_flops / 1e9:.2f} GFLOP per optimizer step (forward + backward), "
+              f"{achieved / 1e12:.3f} TFLOP/s achieved; MFU {100 * achieved / peak:.1f} % of a {n}x{n} "
+              f"{str(dtype).removeprefix('torch.')} matmul measured now ({peak / 1e12:.3f} TFLOP/s)", flush=True)
+    elif count:
+        print(f"{'':<44} FLOPs not counted: pass --warmup 1 or more (the counted step is a warm-up step)")
 
 
 def main() -> None:
@@ -67,6 +115,7 @@ def main() -> None:
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--official-micro-batch", type=int, default=4)
     ap.add_argument("--gradient-checkpointing", action="store_true", help="on the official run")
+    ap.add_argument("--no-flops", action="store_true", help="do not count FLOPs (no MFU line)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -75,11 +124,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}")
     measure("tiny preset, CPU, fp32, one process", recipe("tiny", args.micro_batch, total, args.workers, "cpu",
-                                                          "single", False), args.warmup)
+                                                          "single", False), args.warmup, not args.no_flops)
     if torch.cuda.is_available() and not args.cpu_only:
         measure("official preset, CUDA, bf16 autocast, FSDP2 x1",
                 recipe("official", args.official_micro_batch, total, max(args.workers, 8), "cuda", "fsdp",
-                       args.gradient_checkpointing), args.warmup)
+                       args.gradient_checkpointing), args.warmup, not args.no_flops)
 
 
 if __name__ == "__main__":

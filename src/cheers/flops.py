@@ -3,7 +3,7 @@
 Some PyTorch releases' SDPA formula rejects ``enable_gqa=True`` calls whose key/value have fewer heads than the
 query ("query/key/value shapes are incompatible"). While counting, such calls run with key/value repeated to
 the query's heads: the same attention FLOPs the grouped call does, and the same result. The CPU kernel of
-SDPA, which FlopCounterMode has no formula for, is counted with the formula of the GPU kernels.
+SDPA and its backward, which FlopCounterMode has no formula for, are counted with the formulas of the GPU kernels.
 """
 
 from __future__ import annotations
@@ -39,14 +39,30 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args: Any, **kwargs: An
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def _custom_mapping() -> dict[Any, Callable[..., int]]:
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {op: _sdpa_cpu_flop} if op is not None else {}
+    mapping = {}
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flop),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward_flop)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            mapping[op] = formula
+    return mapping
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[FlopCounterMode]:
+    """A FlopCounterMode (forward and backward) with grouped-query attention and the CPU SDPA kernels counted."""
+    with countable_gqa(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+        yield counter
 
 
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
     """(FLOPs, result) of one call ``fn(*args, **kwargs)``: matrix products, convolutions and attention, as
     FlopCounterMode counts them."""
-    with countable_gqa(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+    with counting_flops() as counter:
         result = fn(*args, **kwargs)
     return int(counter.get_total_flops()), result
