@@ -84,3 +84,18 @@ def test_train_bench_reports_the_step_flops_and_mfu(capsys):
     assert main(["bench", "train", "--cpu-only", "--steps", "1", "--warmup", "1", "--micro-batch", "2",
                  "--no-flops"]) == 0
     assert "GFLOP" not in capsys.readouterr().out
+
+
+def test_count_flops_counts_the_scratch_decoders_fused_convolutions():
+    from cheers.config import VAEDecoderConfig
+    from cheers.flops import count_flops
+    from cheers.models import vae
+
+    dec = vae.LatentDecoder(VAEDecoderConfig(resolution=64, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                             z_channels=4)).eval()
+    z = torch.randn(1, 16, 2, 2)
+    with torch.no_grad():
+        plain, _ = count_flops(lambda: dec(z))
+        with vae.scratch():
+            fused, _ = count_flops(lambda: dec(z))
+    assert plain > 0 and fused == plain

@@ -148,6 +148,61 @@ def test_decoder_in_place_inference_is_bit_identical_to_the_autograd_path(channe
     assert all(m.in_place for m in dec.modules() if hasattr(m, "in_place"))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("phase_upsampling", [False, True])
+def test_scratch_decoder_reuses_buffers_and_matches_the_plain_decoder(channels_last, phase_upsampling,
+                                                                       monkeypatch):
+    """Inside vae.scratch() the CPU decoder writes its activations into reused buffers: the output matches the
+    plain decoder (its convs give the same bits; GroupNorm's two-pass statistics differ by rounding), is a
+    fresh tensor, and a second call makes no new buffer. Large upsampler outputs go through the phase convs
+    into buffers (forced here with a zero size threshold)."""
+    import threading
+
+    from cheers.config import VAEDecoderConfig
+    from cheers.models import vae
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("the scratch path needs oneDNN")
+    if phase_upsampling:
+        monkeypatch.setattr(vae, "_FRESHLY_MAPPED", 0)
+    torch.manual_seed(0)
+    cfg = VAEDecoderConfig(resolution=64, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+    dec = vae.LatentDecoder(cfg).eval()  # a 64 -> 32 channel shortcut, an upsampler, the attention block
+    if channels_last:
+        dec.to(memory_format=torch.channels_last)
+    z = torch.randn(2, 16, 2, 2)
+    with torch.no_grad():
+        plain = dec(z)
+        with vae.scratch() as buffers:
+            first = dec(z)
+            held = buffers.nbytes
+            assert held > 0 and len(buffers._buffers) >= 3
+            assert any(key[0] == "upsample" for key in buffers._buffers) == phase_upsampling
+            second = dec(z)
+            assert buffers.nbytes == held  # reused, none made
+            with vae.scratch() as inner:  # nested: the outer scratch
+                assert inner is buffers
+            seen = []
+            worker = threading.Thread(target=lambda: seen.append(vae._active_scratch(dec.decoder, z)))
+            worker.start()
+            worker.join()
+            assert seen == [None]  # per thread
+            for buf in buffers._buffers.values():
+                assert first.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+        assert buffers.nbytes == 0  # freed on exit
+    assert torch.equal(first, second)
+    assert first.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert (first - plain).abs().max() <= 1e-5 * plain.abs().max()
+    with vae.scratch():  # autograd, another dtype and the release's layers take the plain path
+        grad = dec(z)
+        assert grad.requires_grad and torch.equal(grad.detach(), plain)
+        with torch.no_grad():
+            assert vae._active_scratch(dec.decoder, z.double()) is None
+            with release_layers(dec):
+                assert vae._active_scratch(dec.decoder, z) is None
+            assert vae._active_scratch(dec.decoder, z) is not None
+
+
 def test_polyphase_upsampling_context_restores_each_setting():
     a, b = Upsample(4), Upsample(4, polyphase=False)
     both = torch.nn.Sequential(a, b)

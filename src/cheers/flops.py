@@ -3,7 +3,8 @@
 Some PyTorch releases' SDPA formula rejects ``enable_gqa=True`` calls whose key/value have fewer heads than the
 query ("query/key/value shapes are incompatible"). While counting, such calls run with key/value repeated to
 the query's heads: the same attention FLOPs the grouped call does, and the same result. The CPU kernel of
-SDPA and its backward, which FlopCounterMode has no formula for, are counted with the formulas of the GPU kernels.
+SDPA and its backward, which FlopCounterMode has no formula for, are counted with the formulas of the GPU kernels,
+and oneDNN's in-place convolution with a fused add (``mkldnn._convolution_pointwise_``) as the convolution.
 """
 
 from __future__ import annotations
@@ -43,8 +44,15 @@ def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape,
     return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _conv_add_flop(acc_shape, x_shape, w_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
 def _custom_mapping() -> dict[Any, Callable[..., int]]:
     mapping = {}
+    fused = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
+    if fused is not None:  # oneDNN's in-place convolution + add (the VAE decoder's scratch path)
+        mapping[fused] = _conv_add_flop
     for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flop),
                           ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward_flop)):
         op = getattr(torch.ops.aten, name, None)
