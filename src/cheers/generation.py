@@ -19,7 +19,7 @@ import torch
 
 from cheers.lm_state import LMState, StaticDecoder, extend, prefill, to_static
 from cheers.models.cheers import Cheers
-from cheers.models.vae import with_scratch
+from cheers.models.vae import scratch
 from cheers.sampling import (
     apply_guidance,
     check_guidance_interval,
@@ -153,7 +153,6 @@ def randn_rows(shape: tuple[int, ...], generator: Generators, device: torch.devi
 
 
 @torch.no_grad()
-@with_scratch  # the VAE decoders reuse their activation buffers across the steps (CPU)
 def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              pixel_values: torch.Tensor | None = None, *, num_inference_steps: int = 80,
              cfg_scale: float | None = None, alpha: float = 1.0, edit_image: bool = False,
@@ -279,9 +278,10 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
                 if callback is not None:
                     callback(n, t, x_t, v)
 
-            final = sample(velocity, x, ts.to(device), solver=solver, final_step=final_step, callback=on_step)
-            sampler.finish()
-            pixels = model.model.vae_model.decode(final)
+            with scratch():  # the VAE decoders reuse their activation buffers across the steps (CPU)
+                final = sample(velocity, x, ts.to(device), solver=solver, final_step=final_step, callback=on_step)
+                sampler.finish()
+                pixels = model.model.vae_model.decode(final)
             for b in torch.nonzero(make).flatten().tolist():
                 out.images[b].append(pixels[b])
                 out.latents[b].append(final[b])
