@@ -1,7 +1,8 @@
 """Text-to-image speed: our sampler against a straightforward implementation of the release's loop.
 
 Random weights at a preset's sizes (timing does not depend on the values). Prints seconds per image and per
-step, the FLOPs of one guided step of each, images/s at several batch sizes, and the ratio measured in this run.
+step, the FLOPs of one guided step of each, images/s at several batch sizes, and the ratio measured in this run
+(the two paths timed alternately, ``--repeats`` times each, medians).
 
     python bench/bench_sampling.py --preset small --steps 8 --guidance 3
     python bench/bench_sampling.py --preset official --steps 80 --device cuda --dtype bfloat16
@@ -15,6 +16,7 @@ the tokenizer-side VAE decoder, the ViT, the LLM, the flow heads, the VAE encode
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -102,6 +104,22 @@ def timed(fn, repeats: int, sync) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def timed_pair(first, second, repeats: int, sync) -> tuple[float, float]:
+    """Median seconds per call of two functions timed alternately (first, second, first, ...) after one warm-up
+    call each, so that a drift in the machine's speed (a shared host) affects both alike."""
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, spent in zip((first, second), times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            spent.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -157,8 +175,7 @@ def main() -> None:
         flops = {}
         for label, fn in (("release-style", release), ("ours", ours)):
             flops[label] = count_flops(fn)[0] / args.steps
-        t_rel = timed(release, args.repeats, sync)
-        t_ours = timed(ours, args.repeats, sync)
+        t_rel, t_ours = timed_pair(release, ours, args.repeats, sync)
         print(f"preset={args.preset} device={args.device} dtype={args.dtype} steps={args.steps} "
               f"guidance={args.guidance} image={size}px threads={torch.get_num_threads()} "
               f"optimize={','.join(sorted(opts)) or 'none'}")
@@ -179,7 +196,8 @@ def main() -> None:
                       f"{num_evaluations(solver, args.steps):3d} evaluations  {t_ours / t:5.2f}x euler's speed")
         for batch in [int(b) for b in args.batches.split(",")]:
             t = timed(lambda b=batch: ours(b), 1, sync)
-            print(f"batch {batch:3d}: {batch / t:7.3f} images/s")
+            print(f"batch {batch:3d}: {batch / t:7.3f} images/s  ({batch / t * t_rel:4.2f}x the release-style loop's "
+                  f"images/s, which runs one prompt at a time)")
         if args.device.startswith("cuda"):
             print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
