@@ -109,10 +109,22 @@ def _channels_last(x: torch.Tensor) -> bool:
 def _active_scratch(decoder: nn.Module, x: torch.Tensor) -> Scratch | None:
     buffers = getattr(_local, "scratch", None)
     if (buffers is None or not decoder.in_place or torch.is_grad_enabled() or x.device.type != "cpu"
-            or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
+            or x.dtype != torch.float32 or not torch.backends.mkldnn.enabled or not _fused_conv_available()
             or torch.compiler.is_compiling()):
         return None
     return buffers
+
+
+@functools.lru_cache(maxsize=1)
+def _fused_conv_available() -> bool:
+    """Whether this PyTorch build has oneDNN and its in-place convolution with a fused add."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._convolution_pointwise_.binary  # noqa: B018 - resolving the op is the check
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def _conv_add_(acc: torch.Tensor, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
