@@ -200,8 +200,11 @@ def test_scratch_decoder_reuses_buffers_and_matches_the_plain_decoder(channels_l
             assert vae._active_scratch(dec.decoder, z.double()) is None
             with release_layers(dec):
                 assert vae._active_scratch(dec.decoder, z) is None
-            with torch.backends.mkldnn.flags(enabled=False):  # oneDNN switched off by the user
+            torch.backends.mkldnn.enabled = False  # oneDNN switched off by the user
+            try:
                 assert vae._active_scratch(dec.decoder, z) is None
+            finally:
+                torch.backends.mkldnn.enabled = True
             assert vae._active_scratch(dec.decoder, z) is not None
 
 
