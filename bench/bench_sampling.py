@@ -16,6 +16,7 @@ the tokenizer-side VAE decoder, the ViT, the LLM, the flow heads, the VAE encode
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -102,6 +103,49 @@ def timed(fn, repeats: int, sync) -> float:
         fn()
     sync()
     return (time.perf_counter() - start) / repeats
+
+
+def peak_memory(fn, device: str) -> float:
+    """Bytes of memory one call of ``fn`` needs at its peak beyond what was in use before it.
+
+    CUDA: the allocator's peak. CPU: the process's resident set, sampled every millisecond by a thread, above
+    its size at the start (freed heap memory is first handed back to the system with glibc's ``malloc_trim``,
+    so the start is the live set); a sampled peak can miss a spike shorter than a millisecond."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    import ctypes
+    import threading
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, peak, done = resident(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], resident()) - base
 
 
 def timed_pair(first, second, repeats: int, sync) -> tuple[float, float]:
@@ -198,8 +242,11 @@ def main() -> None:
             t = timed(lambda b=batch: ours(b), 1, sync)
             print(f"batch {batch:3d}: {batch / t:7.3f} images/s  ({batch / t * t_rel:4.2f}x the release-style loop's "
                   f"images/s, which runs one prompt at a time)")
-        if args.device.startswith("cuda"):
-            print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        if args.device.startswith("cuda") or os.path.exists("/proc/self/statm"):
+            kind = "allocated" if args.device.startswith("cuda") else "resident, sampled"
+            print(f"peak memory of one image beyond the model ({kind}): release-style "
+                  f"{peak_memory(release, args.device) / 2**20:.0f} MiB, ours {peak_memory(ours, args.device) / 2**20:.0f} "
+                  f"MiB")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,11 @@ def test_sampling_bench_breakdown_counts_the_tokenizer_calls_of_each_path(capsys
     assert calls["release", "VAE encoder (prompt image)"] == 2 and calls["ours", "VAE encoder (prompt image)"] == 1
     assert calls["release", "VAE decoder (output image)"] == calls["ours", "VAE decoder (output image)"] == 1
     assert "speed-up (release-style / ours, same run)" in out
+    import re
+
+    memory = re.search(r"peak memory of one image beyond the model \(resident, sampled\): release-style (\d+) MiB, "
+                       r"ours (\d+) MiB", out)
+    assert memory and int(memory.group(1)) > 0 and int(memory.group(2)) > 0, out
 
 
 def test_count_flops_counts_the_cpu_attention_backward():
