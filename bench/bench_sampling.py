@@ -1,7 +1,8 @@
 """Text-to-image speed: our sampler against a straightforward implementation of the release's loop.
 
 Random weights at a preset's sizes (timing does not depend on the values). Prints seconds per image and per
-step, the FLOPs of one guided step of each, images/s at several batch sizes, and the ratio measured in this run
+step, the FLOPs of one guided step of each, images/s at several batch sizes, each path's peak memory, and the
+ratio measured in this run
 (the two paths timed alternately, ``--repeats`` times each, medians).
 
     python bench/bench_sampling.py --preset small --steps 8 --guidance 3
