@@ -2,8 +2,7 @@
 
 Random weights at a preset's sizes (timing does not depend on the values). Prints seconds per image and per
 step, the FLOPs of one guided step of each, images/s at several batch sizes, each path's peak memory, and the
-ratio measured in this run
-(the two paths timed alternately, ``--repeats`` times each, medians).
+ratio measured in this run (the two paths timed alternately, ``--repeats`` times each, medians).
 
     python bench/bench_sampling.py --preset small --steps 8 --guidance 3
     python bench/bench_sampling.py --preset official --steps 80 --device cuda --dtype bfloat16
