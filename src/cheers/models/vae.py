@@ -154,7 +154,7 @@ def _upsample_scratch(up: Upsample, x: torch.Tensor, buffers: Scratch) -> torch.
     out_channels = weight.shape[0]
     if not up.polyphase or 4 * x.numel() // x.shape[1] * out_channels * x.element_size() < _FRESHLY_MAPPED:
         return up(x)  # below glibc's mmap threshold a fresh output costs no page faults; the transposed conv wins
-    taps = torch.tensor(_PHASE_TAPS, dtype=weight.dtype, device=weight.device)
+    taps = _taps(_PHASE_TAPS, weight.dtype, weight.device)  # (phase, tap, k)
     kernel = torch.einsum("aik,ockl,bjl->abocij", taps, weight, taps).reshape(4 * out_channels, -1, 2, 2)
     phases = buffers.get("upsample_phases", (n, 4 * out_channels, height + 1, width + 1), x).zero_()
     _conv_add_raw_(phases, x, kernel, None if bias is None else bias.repeat(4), padding=(1, 1))
@@ -252,8 +252,8 @@ _UPSAMPLE_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
 
 
 @functools.lru_cache(maxsize=16)
-def _upsample_taps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(_UPSAMPLE_TAPS, dtype=dtype, device=device)  # (4, 3), made once per device
+def _taps(table: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(table, dtype=dtype, device=device)  # a tap matrix, made once per dtype and device
 
 
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -267,7 +267,7 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     least float32.
     """
     work = torch.promote_types(weight.dtype, torch.float32)
-    taps = _upsample_taps(work, weight.device)
+    taps = _taps(_UPSAMPLE_TAPS, work, weight.device)  # (4, 3)
     kernel = torch.einsum("ui,ocij,vj->couv", taps, weight.to(work), taps).to(weight.dtype)  # (C, O, 4, 4)
     return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
 
