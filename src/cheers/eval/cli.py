@@ -205,6 +205,29 @@ def cmd_prompt_gain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ladder(args: argparse.Namespace) -> int:
+    from .ladder import LadderConfig, run_ladder
+
+    try:
+        cfg = LadderConfig(rung=args.rung, scale=args.scale, steps=args.steps, seed=args.seed,
+                           resolution=args.resolution or (64 if args.rung in ("L0", "L1") else 128),
+                           control=not args.no_control).with_overrides(args.set)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"cheers eval ladder: {err}") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    summary = run_ladder(cfg, args.out)
+    for name in ("cheers", "control"):
+        if name in summary:
+            r = summary[name]
+            print(f"{name:8s} prompt gain {r['prompt_gain']['relative_gain']:+.4f}  judge {r['score']:.2f} "
+                  f"(other prompt {r['other_prompt_score']:.2f})  {r['train_minutes']:.1f} min")
+    print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def cmd_vae_ceiling(args: argparse.Namespace) -> int:
     from .shapes_bench import vae_ceiling_of
 
@@ -337,6 +360,21 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     c.add_argument("--out", default=None, help="also write the numbers as JSON here")
     _model_args(c)
     c.set_defaults(func=cmd_prompt_gain)
+
+    lad = sub.add_parser("ladder", help="learnability ladder: train a micro Cheers and a pooled-prompt DiT control "
+                                        "on one ShapesWorld rung (L0 colour ... L3 full world); report prompt "
+                                        "gain and judge score (report.md/.json/.png)")
+    lad.add_argument("--rung", choices=("L0", "L1", "L2", "L3"), default="L0")
+    lad.add_argument("--scale", choices=("micro", "tiny"), default="micro")
+    lad.add_argument("--steps", type=int, default=1000, help="training steps of 32 samples (default 1000)")
+    lad.add_argument("--seed", type=int, default=0)
+    lad.add_argument("--resolution", type=int, default=None, help="pixels (default 64 for L0/L1, 128 above)")
+    lad.add_argument("--no-control", action="store_true", help="skip the control model")
+    lad.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="any LadderConfig field, e.g. lr=3e-4, time_kind=logit_normal, llm_init_std=0.09")
+    lad.add_argument("--threads", type=int, default=None)
+    lad.add_argument("--out", "-o", required=True, help="report folder")
+    lad.set_defaults(func=cmd_ladder)
 
     v = sub.add_parser("vae-ceiling", help="ShapesGenEval of reference renders through a VAE: the best a "
                                            "generator could score through it (check a stage-0 VAE with it)")
