@@ -8,9 +8,9 @@ optimiser and the step budget, so "learnable at this budget" is measured on the 
 
 Reported for both: the relative prompt gain (flow loss with another sample's prompt over the loss with the own
 prompt, see :mod:`cheers.eval.conditioning`), the judge's score of images generated from held-out prompts
-(default sampling settings of the bundled model), the same score with every prompt replaced by the
-unconditional one (what a prompt-blind model scores: the floor), the minutes, and the loss curves; as
-``report.md``, ``report.json`` and ``report.png``.
+(default sampling settings of the bundled model), the same images judged against another prompt's spec (what a
+prompt-blind model scores: the floor), the judge's ceiling through the VAE, on L0 a latent-space colour score,
+the minutes, and the loss curves; as ``report.md``, ``report.json`` and ``report.png``.
 
     cheers eval ladder --rung L0 --out runs/ladder/L0                   # micro Cheers + control, 64 px
     cheers eval ladder --rung L1 --steps 3000 --set time_kind=logit_normal --set time_loc=-1
@@ -311,6 +311,7 @@ def cheers_images(model: Cheers, processor: CheersProcessor, prompts: list[str],
         latents.extend(pipe.generate(prompts[start:start + 12], generator=gens, prefix_image=cfg.prefix_image,
                                      output_type="latent").images)
     latents = torch.stack(latents)
+    # the pipeline returns one output type; decoding the latents again here costs ~1 s for a whole evaluation
     return decode_images(model.model.vae_model, latents), latents
 
 
@@ -376,7 +377,10 @@ def evaluate(cfg: LadderConfig, trained: dict[str, Any]) -> dict[str, Any]:
     vae = model.model.vae_model
     results["vae_ceiling"] = vae_ceiling(vae, cfg.rung, samples)
     images, latents = cheers_images(model, processor, prompts, seeds, cfg)
-    extra = lambda lat: {"latent_score": latent_color_score(vae, lat, samples, cfg.resolution)} if cfg.rung == "L0" else {}  # noqa: E731
+
+    def extra(latents: torch.Tensor) -> dict[str, float]:
+        return {"latent_score": latent_color_score(vae, latents, samples, cfg.resolution)} if cfg.rung == "L0" else {}
+
     results["cheers"] = {**extra(latents), "prompt_gain": gain.as_dict(), **score(cfg.rung, images, samples),
                          "train_minutes": trained["seconds"]["cheers"] / 60,
                          "final_loss": float(np.mean(trained["curves"]["cheers"][-50:]))}

@@ -28,7 +28,7 @@ from .judge import parse_image
 from .palette import BACKGROUND_COLORS, OBJECT_COLORS, SHAPES
 from .prompts import GEN_SUFFIX, object_phrase, sample_generation
 from .render import check_resolution, render_scene
-from .samples import IMAGE_OUT, make_sample
+from .samples import IMAGE_OUT, _sentence, make_sample
 from .scoring import score_spec
 from .world import Background, Scene, WorldConfig, make_object
 
@@ -58,12 +58,6 @@ class RungSample:
         """The release-format conversation the trainer reads."""
         return {"conversations": [{"from": "human", "value": self.prompt + GEN_SUFFIX},
                                   {"from": "gpt", "value": IMAGE_OUT}]}
-
-
-def _sentence(text: str) -> str:
-    text = text.strip()
-    text = text[:1].upper() + text[1:]
-    return text if text.endswith(".") else text + "."
 
 
 def rung_sample(rung: str, seed: int, resolution: int = 128) -> RungSample:
