@@ -43,7 +43,7 @@ def test_ladder_config_checks_and_overrides():
     with pytest.raises(ValueError, match="bad override"):
         LadderConfig().with_overrides(["nonsense=1"])
     for bad in ({"rung": "L9"}, {"scale": "huge"}, {"steps": 0}, {"cfg_dropout": 1.0}, {"precision": "fp8"},
-                {"eval_prompts": 1}):
+                {"eval_prompts": 1}, {"lr_multipliers": {"projector": 0.1}}, {"lr_multipliers": {"llm": 0}}):
         with pytest.raises(ValueError):
             LadderConfig(**bad)
 
@@ -68,8 +68,10 @@ def test_the_control_conditions_on_the_pooled_prompt():
 
 @pytest.mark.slow
 def test_l0_a_micro_cheers_learns_to_read_its_prompt_and_a_blind_one_fails_the_check():
-    """The ladder's first rung as a test: a micro Cheers trained from scratch on "A plain <colour> background."
-    must draw the named colour; the same check fails on the untrained model (which ignores its prompt)."""
+    """The ladder's first rung as a test, and the cause of issue #18 in one comparison. A micro Cheers trained
+    from scratch on "A plain <colour> background." with the und_projector at a tenth of the lr (image tokens
+    stay near the text scale) draws the named colour after 150 steps; at the same budget the release's recipe
+    (one lr: the image tokens grow to ~30x the text scale) is still prompt-blind, and so is the untrained model."""
     import dataclasses
 
     import torch
@@ -79,11 +81,15 @@ def test_l0_a_micro_cheers_learns_to_read_its_prompt_and_a_blind_one_fails_the_c
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cfg = LadderConfig(rung="L0", resolution=32, steps=400, lr=2e-3, control=False, eval_prompts=18)
-        blind = run_ladder(dataclasses.replace(cfg, steps=1), progress=False)["cheers"]
-        trained = run_ladder(cfg, progress=False)["cheers"]
+        fixed = LadderConfig(rung="L0", resolution=32, steps=150, lr=2e-3, control=False, eval_prompts=18,
+                             lr_multipliers={"und_projector": 0.1})
+        blind = run_ladder(dataclasses.replace(fixed, steps=1), progress=False)["cheers"]
+        release = run_ladder(dataclasses.replace(fixed, lr_multipliers={}), progress=False)["cheers"]
+        trained = run_ladder(fixed, progress=False)["cheers"]
     finally:
         torch.set_num_threads(threads)
     assert not reads_its_prompt(blind), blind["prompt_gain"]
     assert abs(blind["prompt_gain"]["relative_gain"]) < 0.02
+    assert not reads_its_prompt(release), release["prompt_gain"]
+    assert release["prompt_gain"]["relative_gain"] < 0.05
     assert reads_its_prompt(trained), (trained["prompt_gain"], trained["latent_score"])

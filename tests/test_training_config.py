@@ -143,3 +143,55 @@ def test_step_budget_fits_the_schedule_to_the_clock(monkeypatch):
     # several processes: every decision is the agreed one (rank 0's, broadcast), whatever this clock says
     agreed = StepBudget(1.0, 0, 100_000, sched, agree=lambda total: 1234)
     assert agreed.update(5) == 100_000 and agreed.update(10) == 1234 and sched.lr_lambdas[0].total == 1234
+
+
+def test_lr_multipliers_scale_whole_groups_and_are_checked():
+    import torch
+
+    from cheers.training.optim import build_optimizer, build_scheduler, trainable_parameters
+
+    recipe = load_recipe("stage2", ["train.lr_multipliers.und_projector=0.1", "train.weight_decay=0.01"])
+    assert recipe.train.lr_multipliers == {"und_projector": 0.1}
+    assert "train.lr_multipliers" in " ".join(deviations(recipe))
+    model = tiny_model()
+    model.set_trainable(recipe.train.trainable)
+    named = trainable_parameters(model)
+    opt = build_optimizer(named, recipe.train)
+    assert opt.param_groups[0]["lr"] == recipe.train.lr  # the base lr first (the trainer logs group 0)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert len(lr_of) == len(named)  # every trainable parameter once
+    for name, p in named:
+        want = recipe.train.lr * (0.1 if name.startswith("model.und_projector.") else 1.0)
+        assert lr_of[id(p)] == pytest.approx(want), name
+        assert decay_of[id(p)] == (0.01 if p.ndim >= 2 else 0.0), name
+    sched = build_scheduler(opt, recipe.train)  # the schedule scales every group by the same factor
+    opt.step(), sched.step()
+    ratios = {round(g["lr"] / g["initial_lr"], 12) for g in opt.param_groups}
+    assert len(ratios) == 1
+    assert torch.isfinite(torch.tensor([g["lr"] for g in opt.param_groups])).all()
+    for override, message in [("train.lr_multipliers.projector=0.1", "unknown group 'projector'"),
+                              ("train.lr_multipliers.llm=0", "must be a number > 0"),
+                              ("train.lr_multipliers.llm=fast", "must be a number > 0")]:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe("stage2", [override])
+
+
+def test_init_und_projector_scale_and_the_bundled_model_as_a_start(tmp_path):
+    import torch
+
+    from cheers.training.parts import build_model, build_processor, model_config
+
+    recipe = load_recipe("tiny-shapes-follow")
+    assert recipe.init.from_release == "default" and recipe.init.und_projector_scale == 0.05
+    assert recipe.train.lr_multipliers == {"und_projector": 0.1}
+    config = model_config(recipe)
+    processor = build_processor(recipe, config)
+    scaled = build_model(recipe, processor.special, config)
+    plain = build_model(load_recipe("tiny-shapes-follow", ["init.und_projector_scale=1"]), processor.special, config)
+    a, b = scaled.model.und_projector.mlp[-1], plain.model.und_projector.mlp[-1]
+    assert torch.allclose(a.weight, 0.05 * b.weight) and torch.allclose(a.bias, 0.05 * b.bias)
+    first = plain.model.und_projector.mlp[0]
+    assert torch.equal(scaled.model.und_projector.mlp[0].weight, first.weight)  # only the output layer
+    with pytest.raises(RecipeError, match="und_projector_scale"):
+        load_recipe("tiny-shapes-follow", ["init.und_projector_scale=0"])

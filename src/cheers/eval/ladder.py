@@ -14,6 +14,7 @@ the minutes, and the loss curves; as ``report.md``, ``report.json`` and ``report
 
     cheers eval ladder --rung L0 --out runs/ladder/L0                   # micro Cheers + control, 64 px
     cheers eval ladder --rung L1 --steps 3000 --set time_kind=logit_normal --set time_loc=-1
+    cheers eval ladder --rung L0 --set 'lr_multipliers={"und_projector":0.1}'   # the fix of issue #18
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class LadderConfig:
     time_scale: float = 1.0
     llm_init_std: float | None = None  # std of the LLM's linear layers at init (None: Qwen2's 0.02)
     hfi: bool = True  # the HiGate path (options.high_frequency_injection)
+    # per-group lr factors as the trainer's train.lr_multipliers, e.g. {"und_projector": 0.1} (the fix of #18)
+    lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
     precision: str = "float32"  # float32 | bf16 (CPU/GPU autocast, as the trainer's precision: auto picks it)
     control: bool = True
     warmup_rung: str | None = None  # curriculum: the first warmup_steps steps train on this rung instead
@@ -95,6 +98,10 @@ class LadderConfig:
             raise ValueError(f"precision must be float32 or bf16, got {self.precision!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        for group, factor in dict(self.lr_multipliers).items():
+            if group not in Cheers.PARAMETER_GROUPS or not float(factor) > 0:
+                raise ValueError(f"lr_multipliers: want {{group: factor > 0}} with groups from "
+                                 f"{sorted(Cheers.PARAMETER_GROUPS)}, got {group!r}: {factor!r}")
         self.gain_times = tuple(float(t) for t in self.gain_times)
 
     @property
@@ -200,6 +207,7 @@ def train(cfg: LadderConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from cheers.training.collate import collate
+    from cheers.training.optim import lr_multiplier
     from cheers.training.samples import SampleBuilder, mix_seed
 
     model, processor = build_cheers(cfg)
@@ -207,8 +215,13 @@ def train(cfg: LadderConfig, progress: bool = True) -> dict[str, Any]:
     grid = cfg.resolution // mcfg.patch_size
     builder = SampleBuilder(processor, (mcfg.latent_channels, grid, grid), cfg_dropout=cfg.cfg_dropout,
                             time_sampling=cfg.time_sampling)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    factors: dict[float, list[nn.Parameter]] = {}
+    for name, p in named:
+        factors.setdefault(lr_multiplier(name, cfg.lr_multipliers), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": cfg.lr * f} for f, ps in factors.items()], lr=cfg.lr,
+                            weight_decay=0.0)
     control = control_opt = None
     if cfg.control:
         torch.manual_seed(cfg.seed)
@@ -422,8 +435,9 @@ def markdown(cfg: LadderConfig, results: dict[str, Any]) -> str:
                 g = results[n]["prompt_gain"]
                 cells += [f"{g['own'][j]:.4f}", f"{g['other'][j]:.4f}"]
         lines.append(f"| {t:.2f} | " + " | ".join(cells) + " |")
+    defaults = LadderConfig()
     overrides = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                 if getattr(cfg, f.name) != f.default}
+                 if getattr(cfg, f.name) != getattr(defaults, f.name)}
     lines += ["", f"Settings changed from the defaults: `{json.dumps(overrides, default=str)}`", "",
               "![samples and loss curves](report.png)", ""]
     return "\n".join(lines)

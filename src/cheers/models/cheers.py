@@ -206,12 +206,17 @@ class Cheers(nn.Module):
         "hfi_gate": ("model.hi_gate",),
     }
 
+    @classmethod
+    def group_of(cls, name: str) -> str | None:
+        """The parameter group that owns parameter ``name`` (None for a name outside every group)."""
+        return next((g for g, prefixes in cls.PARAMETER_GROUPS.items()
+                     if any(name == p or name.startswith(p + ".") for p in prefixes)), None)
+
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Named groups of (name, parameter); every parameter is in exactly one group (tied ones once)."""
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in self.PARAMETER_GROUPS}
         for name, param in self.named_parameters():
-            owner = next((g for g, prefixes in self.PARAMETER_GROUPS.items()
-                          if any(name == p or name.startswith(p + ".") for p in prefixes)), None)
+            owner = self.group_of(name)
             if owner is None:
                 raise AssertionError(f"parameter {name} belongs to no group")
             groups[owner].append((name, param))

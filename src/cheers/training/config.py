@@ -56,6 +56,9 @@ class InitSection:
     llm: str | None = None  # Qwen2 / Qwen2.5 (Qwen2Model or Qwen2ForCausalLM safetensors + config.json)
     vision: str | None = None  # SigLIP (SiglipVisionModel or SiglipModel)
     vae: str | None = None  # our stage-0 output, or a BFL-named VAE
+    # multiply the und_projector's output layer by this at the start (1 = as loaded). Not the release's: a
+    # smaller factor brings image tokens back towards the text scale, where the prompt can reach them (#18).
+    und_projector_scale: float = 1.0
 
 
 @dataclass
@@ -109,6 +112,9 @@ class TrainSection:
     micro_batch: int = 1  # samples per forward, per process
     global_batch: int = 1  # samples per optimizer step over all processes (accumulation fills the gap)
     weight_decay: float = 0.0
+    # per-group lr factors, e.g. {und_projector: 0.1}; not the release's (one lr for every group). A slower
+    # und_projector keeps image tokens near the text scale so the prompt reaches the image states (issue #18).
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 1.0
@@ -188,6 +194,14 @@ class Recipe:
         if t.lr <= 0 or not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
             raise RecipeError(f"train: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1; got "
                               f"{t.lr}, {t.warmup_ratio}, {t.min_lr_ratio}")
+        from cheers.models.cheers import Cheers  # the group names (a module-level import would be circular)
+
+        for group, factor in t.lr_multipliers.items():
+            if group not in Cheers.PARAMETER_GROUPS:
+                raise RecipeError(f"train.lr_multipliers: unknown group {group!r}; known: "
+                                  f"{sorted(Cheers.PARAMETER_GROUPS)}")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+                raise RecipeError(f"train.lr_multipliers.{group} must be a number > 0, got {factor!r}")
         if t.schedule not in ("constant", "cosine"):
             raise RecipeError(f"train.schedule: {t.schedule!r} is not 'constant' or 'cosine'")
         if len(t.betas) != 2:
@@ -222,6 +236,8 @@ class Recipe:
             raise RecipeError(f"engine.device: {e.device!r} is not auto, cpu or cuda")
         if self.vae.loss not in ("l1", "l2", "l1+l2"):
             raise RecipeError(f"vae.loss: {self.vae.loss!r} is not l1, l2 or l1+l2")
+        if not self.init.und_projector_scale > 0:
+            raise RecipeError(f"init.und_projector_scale must be > 0, got {self.init.und_projector_scale}")
         if self.init.from_release and (self.init.llm or self.init.vision or self.init.vae):
             raise RecipeError("init.from_release brings every part; do not combine it with init.llm/vision/vae")
 

@@ -18,22 +18,33 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def lr_multiplier(name: str, multipliers: dict[str, float]) -> float:
+    """The lr factor of parameter ``name`` (a :class:`Cheers` name): its parameter group's entry, else 1."""
+    from cheers.models.cheers import Cheers
+
+    return float(multipliers.get(Cheers.group_of(name), 1.0))
+
+
 def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], train: TrainSection) -> torch.optim.AdamW:
     """AdamW; weight decay applies to matrices only (not to biases, norms or embeddings' 1-D tables).
+
+    ``train.lr_multipliers`` scales the lr of whole parameter groups (one optimizer group per factor); the
+    schedule multiplies every group's lr by the same factor.
 
     Args:
         named: trainable (name, parameter) pairs, in a stable order (it is the optimizer state's order).
         train: the recipe's ``train`` section.
     """
-    decay, no_decay = [], []
-    for _, p in named:
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
+    buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in named:
+        key = (p.ndim >= 2, lr_multiplier(name, train.lr_multipliers))
+        buckets.setdefault(key, []).append(p)
+    if not buckets:
         raise ValueError("no trainable parameters: check train.trainable")
-    groups = [{"params": decay, "weight_decay": train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas),
-                             eps=train.eps, foreach=False)
+    order = sorted(buckets, key=lambda k: (not k[0], k[1] != 1.0, k[1]))  # decay first, the base lr first
+    groups = [{"params": buckets[k], "weight_decay": train.weight_decay if k[0] else 0.0, "lr": train.lr * k[1]}
+              for k in order]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps, foreach=False)
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str, min_ratio: float = 0.0) -> float:

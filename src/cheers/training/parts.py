@@ -33,10 +33,19 @@ LLM, VISION = "model.language_model.", "model.vision_representation."
 VAE, PIXEL_DECODER = "model.vae_model.", "model.vae_decoder_projector."
 
 
+def release_dir(recipe: Recipe) -> str | None:
+    """``init.from_release`` as a directory; ``default`` names the bundled model (continuing its lineage)."""
+    if recipe.init.from_release == "default":
+        from cheers.assets import default_model_dir
+
+        return str(default_model_dir())
+    return recipe.init.from_release
+
+
 def model_config(recipe: Recipe) -> CheersConfig:
     """The architecture: the release's config.json, else the preset; then ``model.overrides``."""
     if recipe.init.from_release:
-        config = CheersConfig.from_json_file(Path(recipe.init.from_release) / ckpt.CONFIG_NAME)
+        config = CheersConfig.from_json_file(Path(release_dir(recipe)) / ckpt.CONFIG_NAME)
     elif recipe.model.preset:
         config = preset(recipe.model.preset)
     else:
@@ -46,7 +55,7 @@ def model_config(recipe: Recipe) -> CheersConfig:
 
 def build_processor(recipe: Recipe, config: CheersConfig) -> CheersProcessor:
     """The tokenizer + image preprocessing at the model's resolution (``data.processor``, else a starting point)."""
-    source = recipe.data.processor or recipe.init.from_release or recipe.init.llm
+    source = recipe.data.processor or release_dir(recipe) or recipe.init.llm
     size, patch = config.image_size, config.patch_size
     if source is None:
         raise RecipeError("data.processor: no tokenizer; give a tokenizer directory, 'shapes', or init.from_release "
@@ -67,9 +76,10 @@ def build_model(recipe: Recipe, special: SpecialTokens, config: CheersConfig | N
     """The model a recipe starts from, on the CPU in ``model.dtype`` (see the module docstring)."""
     config = config or model_config(recipe)
     dtype = resolve_dtype(recipe.model.dtype)
-    release = recipe.init.from_release
+    release = release_dir(recipe)
     if release and not recipe.model.overrides:
-        return from_pretrained(release, dtype=dtype, special=special).train()
+        return scale_und_projector(from_pretrained(release, dtype=dtype, special=special),
+                                   recipe.init.und_projector_scale).train()
     torch.manual_seed(recipe.train.seed)
     model = Cheers(config, special=special)
     if release:
@@ -80,7 +90,19 @@ def build_model(recipe: Recipe, special: SpecialTokens, config: CheersConfig | N
         load_vision(model, recipe.init.vision)
     if recipe.init.vae:
         load_vae(model, recipe.init.vae)
-    return model.to(dtype).train()
+    return scale_und_projector(model, recipe.init.und_projector_scale).to(dtype).train()
+
+
+@torch.no_grad()
+def scale_und_projector(model: Cheers, factor: float) -> Cheers:
+    """Multiply the und_projector's output layer (weight and bias) by ``factor``: the image tokens the LLM
+    reads scale with it. Used at the start of a run only (``init.und_projector_scale``)."""
+    if factor != 1.0:
+        out = model.model.und_projector.mlp[-1]
+        out.weight.mul_(factor)
+        out.bias.mul_(factor)
+        logger.info("und_projector output layer scaled by %g at init", factor)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -88,6 +88,10 @@ def deviations(recipe: Recipe) -> list[str]:
     for name in ("lr", "schedule", "warmup_ratio", "grad_clip", "flow_loss_weight"):
         if getattr(t, name) != getattr(p, name):
             out.append(f"train.{name} {getattr(t, name)} (paper: {getattr(p, name)})")
+    if recipe.init.und_projector_scale != 1.0:
+        out.append(f"init.und_projector_scale {recipe.init.und_projector_scale} (paper: 1)")
+    if t.lr_multipliers:
+        out.append(f"train.lr_multipliers {dict(sorted(t.lr_multipliers.items()))} (paper: one lr for every group)")
     if recipe.data.cfg_dropout != p.cfg_dropout:
         out.append(f"data.cfg_dropout {recipe.data.cfg_dropout} (paper: {p.cfg_dropout})")
     if recipe.data.time_sampling.get("kind", "uniform") != "uniform":
