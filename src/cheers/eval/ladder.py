@@ -98,10 +98,9 @@ class LadderConfig:
             raise ValueError(f"precision must be float32 or bf16, got {self.precision!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for group, factor in dict(self.lr_multipliers).items():
-            if group not in Cheers.PARAMETER_GROUPS or not float(factor) > 0:
-                raise ValueError(f"lr_multipliers: want {{group: factor > 0}} with groups from "
-                                 f"{sorted(Cheers.PARAMETER_GROUPS)}, got {group!r}: {factor!r}")
+        from cheers.training.optim import check_lr_multipliers
+
+        check_lr_multipliers(self.lr_multipliers)
         self.gain_times = tuple(float(t) for t in self.gain_times)
 
     @property
@@ -207,7 +206,8 @@ def train(cfg: LadderConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from cheers.training.collate import collate
-    from cheers.training.optim import lr_multiplier
+    from cheers.training.config import TrainSection
+    from cheers.training.optim import build_optimizer, trainable_parameters
     from cheers.training.samples import SampleBuilder, mix_seed
 
     model, processor = build_cheers(cfg)
@@ -215,13 +215,9 @@ def train(cfg: LadderConfig, progress: bool = True) -> dict[str, Any]:
     grid = cfg.resolution // mcfg.patch_size
     builder = SampleBuilder(processor, (mcfg.latent_channels, grid, grid), cfg_dropout=cfg.cfg_dropout,
                             time_sampling=cfg.time_sampling)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = trainable_parameters(model)
     params = [p for _, p in named]
-    factors: dict[float, list[nn.Parameter]] = {}
-    for name, p in named:
-        factors.setdefault(lr_multiplier(name, cfg.lr_multipliers), []).append(p)
-    opt = torch.optim.AdamW([{"params": ps, "lr": cfg.lr * f} for f, ps in factors.items()], lr=cfg.lr,
-                            weight_decay=0.0)
+    opt = build_optimizer(named, TrainSection(lr=cfg.lr, lr_multipliers=dict(cfg.lr_multipliers)))
     control = control_opt = None
     if cfg.control:
         torch.manual_seed(cfg.seed)

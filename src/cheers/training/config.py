@@ -194,14 +194,12 @@ class Recipe:
         if t.lr <= 0 or not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
             raise RecipeError(f"train: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1; got "
                               f"{t.lr}, {t.warmup_ratio}, {t.min_lr_ratio}")
-        from cheers.models.cheers import Cheers  # the group names (a module-level import would be circular)
+        from cheers.training.optim import check_lr_multipliers  # imports the model (circular at module level)
 
-        for group, factor in t.lr_multipliers.items():
-            if group not in Cheers.PARAMETER_GROUPS:
-                raise RecipeError(f"train.lr_multipliers: unknown group {group!r}; known: "
-                                  f"{sorted(Cheers.PARAMETER_GROUPS)}")
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-                raise RecipeError(f"train.lr_multipliers.{group} must be a number > 0, got {factor!r}")
+        try:
+            check_lr_multipliers(t.lr_multipliers)
+        except ValueError as err:
+            raise RecipeError(f"train.lr_multipliers: {err}") from None
         if t.schedule not in ("constant", "cosine"):
             raise RecipeError(f"train.schedule: {t.schedule!r} is not 'constant' or 'cosine'")
         if len(t.betas) != 2:

@@ -18,6 +18,17 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def check_lr_multipliers(multipliers: dict[str, float]) -> None:
+    """Raise ValueError unless every key is a :class:`Cheers` parameter group and every factor a number > 0."""
+    from cheers.models.cheers import Cheers
+
+    for group, factor in multipliers.items():
+        if group not in Cheers.PARAMETER_GROUPS:
+            raise ValueError(f"unknown group {group!r}; known: {sorted(Cheers.PARAMETER_GROUPS)}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"{group} must be a number > 0, got {factor!r}")
+
+
 def lr_multiplier(name: str, multipliers: dict[str, float]) -> float:
     """The lr factor of parameter ``name`` (a :class:`Cheers` name): its parameter group's entry, else 1."""
     from cheers.models.cheers import Cheers
