@@ -190,3 +190,28 @@ def test_shapes_source_gives_release_records():
     assert {mixed.load(i)[0]["kind"] for i in range(40)} == {"understanding", "generation"}
     with pytest.raises(ValueError, match="unknown ShapesWorld options"):
         ShapesSource("text", size=4, options={"colour": 1})
+
+
+def test_shapes_source_can_serve_a_ladder_rung_and_a_flat_world():
+    """Generation sources of the bundled model's recipe: a learnability-ladder rung (L1: one large object, the
+    background named) and the world with flat backgrounds only."""
+    from cheers.data.shapes import parse_image
+    from cheers.data.shapes.ladder import rung_sample
+
+    proc = tiny_processor()
+    build = SampleBuilder(proc, LATENT, 0.0)
+    rung = ShapesSource("generation", size=10, first_seed=7, resolution=64, options={"rung": "L1"})
+    record, images = rung.load(2)
+    expected = rung_sample("L1", 9, 64)  # item 2 of a split starting at seed 7
+    assert record["conversations"] == expected.record["conversations"] and record["kind"] == "generation"
+    assert images[0].tobytes() == expected.image.tobytes() and rung.load(2)[0] == record
+    assert build(record, images, seed=0).task == "generation"
+    flat = ShapesSource("generation", size=6, resolution=128, options={"world": {"textures": ["flat"]}})
+    for i in range(6):  # a flat background: the corner (never covered by an object) is one colour
+        _, (image,) = flat.load(i)
+        corner = np.asarray(image)[:6, :6].reshape(-1, 3)
+        assert (corner == corner[0]).all() and parse_image(np.asarray(image)).background in ("gray", "white", "black")
+    with pytest.raises(ValueError, match="task: generation"):
+        ShapesSource("understanding", size=4, options={"rung": "L1"})
+    with pytest.raises(ValueError, match="unknown ladder rung"):
+        ShapesSource("generation", size=4, options={"rung": "L9"})

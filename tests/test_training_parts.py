@@ -110,3 +110,28 @@ def test_stage_zero_trains_the_vae_fits_statistics_and_seeds_the_pixel_decoder(t
     assert [r["step"] for r in logged if "recon_loss" in r] == [1, 2, 3] and "psnr" in logged[-1]
     model = build_model(_recipe(vae=str(vae_dir)), tiny_processor().special)  # stage 0 feeds init.vae
     assert torch.equal(model.model.vae_model.bn.running_var, var)
+
+
+def test_vae_and_vision_tower_from_a_release_directory_leave_the_rest_fresh(tmp_path):
+    """init.vae / init.vision naming a whole model in the release layout take only that part's tensors (how the
+    bundled model's retraining keeps its VAE and vision tower: ``default``)."""
+    from cheers.assets import default_model_dir
+    from cheers.models.cheers import Cheers
+    from cheers.models.pretrained import save_pretrained
+    from cheers.training.parts import part_dir
+
+    special = tiny_processor().special
+    torch.manual_seed(5)
+    donor = Cheers(CONFIG, special=special)
+    save_pretrained(donor, tmp_path / "release")
+    fresh = build_model(_recipe(), special).state_dict()
+    model = build_model(_recipe(vae=str(tmp_path / "release"), vision=str(tmp_path / "release")), special)
+    ours, theirs = model.state_dict(), donor.state_dict()
+    taken = ("model.vae_model.", "model.vae_decoder_projector.", "model.vision_representation.")
+    for name, value in ours.items():
+        if name.startswith(taken):
+            assert torch.equal(value, theirs[name]), name
+        else:  # the LLM, projectors and flow head start as a model built without init
+            assert torch.equal(value, fresh[name]), name
+    assert not torch.equal(ours["model.und_projector.mlp.0.weight"], theirs["model.und_projector.mlp.0.weight"])
+    assert part_dir("default") == str(default_model_dir()) and part_dir("some/dir") == "some/dir"

@@ -54,8 +54,8 @@ class InitSection:
 
     from_release: str | None = None
     llm: str | None = None  # Qwen2 / Qwen2.5 (Qwen2Model or Qwen2ForCausalLM safetensors + config.json)
-    vision: str | None = None  # SigLIP (SiglipVisionModel or SiglipModel)
-    vae: str | None = None  # our stage-0 output, or a BFL-named VAE
+    vision: str | None = None  # SigLIP (SiglipVisionModel or SiglipModel), a release directory, or "default"
+    vae: str | None = None  # our stage-0 output, a BFL-named VAE, a release directory, or "default"
     # multiply the und_projector's output layer by this at the start (1 = as loaded). Not the release's: a
     # smaller factor brings image tokens back towards the text scale, where the prompt can reach them (#18).
     und_projector_scale: float = 1.0

@@ -8,6 +8,8 @@
   onto ours (``model.language_model.*``, ``model.vision_representation.*``, ``model.vae_model.*``) and
   loaded strictly: a missing, unexpected or mis-shaped tensor, or a config that disagrees with the
   recipe's model, raises with the names.
+  ``init.vae`` and ``init.vision`` may also name a directory in the release layout, or ``default`` (the bundled
+  model): only that part's tensors are taken from it, the rest of the model starts from scratch.
 * nothing: a randomly initialised model of ``model.preset`` (ShapesWorld, tests).
 """
 
@@ -87,9 +89,9 @@ def build_model(recipe: Recipe, special: SpecialTokens, config: CheersConfig | N
     if recipe.init.llm:
         load_llm(model, recipe.init.llm)
     if recipe.init.vision:
-        load_vision(model, recipe.init.vision)
+        load_vision(model, part_dir(recipe.init.vision))
     if recipe.init.vae:
-        load_vae(model, recipe.init.vae)
+        load_vae(model, part_dir(recipe.init.vae))
     return scale_und_projector(model, recipe.init.und_projector_scale).to(dtype).train()
 
 
@@ -144,6 +146,24 @@ def _assign(model: Cheers, mapped: dict[str, torch.Tensor], prefixes: tuple[str,
     logger.info("%s: loaded %d tensors", what, len(mapped))
 
 
+def part_dir(name: str) -> str:
+    """A part's starting point: a directory, or ``default`` for the bundled model."""
+    if name == "default":
+        from cheers.assets import default_model_dir
+
+        return str(default_model_dir())
+    return name
+
+
+def _release_part(directory: str | Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """The tensors under ``prefixes`` when ``directory`` holds a whole model in the release layout, else None."""
+    config = Path(directory) / ckpt.CONFIG_NAME
+    if not config.is_file() or "vision_representation_config" not in json.loads(config.read_text()):
+        return None
+    state = ckpt.load_state_dict(directory)
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
 def load_llm(model: Cheers, directory: str | Path) -> None:
     """A Qwen2 / Qwen2.5 checkpoint (``Qwen2Model``: ``layers.*``; ``Qwen2ForCausalLM``: ``model.layers.*``)."""
     what = f"LLM {directory}"
@@ -169,6 +189,10 @@ def load_vision(model: Cheers, directory: str | Path) -> None:
     The pooling head (``head.*``), which Cheers never runs, may be absent.
     """
     what = f"vision tower {directory}"
+    part = _release_part(directory, (VISION,))
+    if part is not None:
+        _assign(model, part, (VISION,), what, optional=(VISION + "head.",))
+        return
     cfg = _read_config(directory, what)
     cfg = cfg.get("vision_config", cfg)
     vis = model.config.vision
@@ -188,6 +212,10 @@ def load_vae(model: Cheers, directory: str | Path) -> None:
     ``model.``, or a bare BFL VAE (``encoder.*``, ``decoder.*``, ``bn.*``). Without a pixel decoder of its own,
     the VAE's decoder and latent statistics are copied into ``vae_decoder_projector``."""
     what = f"VAE {directory}"
+    part = _release_part(directory, (VAE, PIXEL_DECODER))
+    if part is not None:
+        _assign(model, part, (VAE, PIXEL_DECODER), what)
+        return
     mapped = {}
     for name, tensor in ckpt.load_state_dict(directory).items():
         name = name.removeprefix("model.")

@@ -29,7 +29,9 @@ class ShapesSource:
         first_seed: offset into the split (``seed`` in the recipe); sources with different tasks may share it.
         resolution: rendered image side (a multiple of 64); the processor resizes to the model's size.
         name: the source's name in the mixture.
-        options: ``split`` (train | val | test), ``mix`` (dict of Mix weights), ``world`` (WorldConfig fields).
+        options: ``split`` (train | val | test), ``mix`` (dict of Mix weights), ``world`` (WorldConfig fields),
+            ``rung`` (generation only: the text-to-image samples of a learnability-ladder rung, L0..L3, instead
+            of the world's; :mod:`cheers.data.shapes.ladder`).
     """
 
     def __init__(self, task: str = "mixed", size: int = 100_000, first_seed: int = 0, resolution: int = 128,
@@ -42,13 +44,22 @@ class ShapesSource:
         split = split_seeds(options.pop("split", "train"))
         mix = Mix(**options.pop("mix", {}))
         world = WorldConfig(**options.pop("world", {}))
+        self.rung = options.pop("rung", None)
         if options:
-            raise ValueError(f"source {name!r}: unknown ShapesWorld options {sorted(options)}; known: split, mix, world")
+            raise ValueError(f"source {name!r}: unknown ShapesWorld options {sorted(options)}; "
+                             "known: split, mix, world, rung")
+        if self.rung is not None:
+            from cheers.data.shapes.ladder import check_rung
+
+            check_rung(self.rung)
+            if task != "generation":
+                raise ValueError(f"source {name!r}: a ladder rung is a text-to-image source; set task: generation")
         if first_seed + size > len(split):
             raise ValueError(f"source {name!r}: seeds {first_seed}..{first_seed + size} exceed the split")
         self.name, self.task, self.size = name, task, int(size)
         self.dataset = ShapesDataset(split[first_seed:first_seed + size], resolution, mix, world,
                                      kind=None if task == "mixed" else task)
+        self.resolution = resolution
 
     def __len__(self) -> int:
         return self.size
@@ -57,6 +68,13 @@ class ShapesSource:
         return permutation(self.size, seed, epoch, _stable_hash(self.name))
 
     def load(self, index: int) -> tuple[dict[str, Any], list[Any]]:
+        if self.rung is not None:
+            from cheers.data.shapes.ladder import rung_sample
+
+            seed = int(self.dataset.seeds[index])
+            sample = rung_sample(self.rung, seed, self.resolution)
+            record = {"id": f"ladder-{self.rung}-{seed}", "kind": "generation", **sample.record, "seed": seed}
+            return record, [sample.image]
         sample = dict(self.dataset[index])
         images = sample.pop("images")
         return sample, images
