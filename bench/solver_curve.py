@@ -49,7 +49,7 @@ def run_one(pipe: CheersPipeline, out: Path, solver: str, interval, steps: int, 
     shutil.rmtree(folder, ignore_errors=True)  # fresh: resumed images would spoil the timing
     pipe.defaults = dataclasses.replace(pipe.defaults, solver=solver, guidance_interval=interval)
     config = ShapesBenchConfig(tasks=("geneval",), steps=steps, n=args.n, num_images=args.num_images,
-                               guidance=args.guidance, seed=args.seed)
+                               guidance=args.guidance, seed=args.seed, prompt_gain_n=0)
     generate, spent = pipe.generate, [0.0]
 
     def timed_generate(*a, **kw):  # time the sampling only, not the judge or the contact sheets
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--intervals", default="none,0.2:1", help="guidance intervals: none or LO:HI, comma-separated")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="solver-curve")
+    ap.add_argument("--out", "-o", default="solver-curve")
     ap.add_argument("--force", action="store_true", help="rerun configurations already in the JSON")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()

@@ -87,7 +87,7 @@ def test_a_perfect_model_scores_full_marks(pipe, tmp_path):
     report = run_shapes_bench(
         Oracle(pipe, n, dense=True),
         tmp_path,
-        ShapesBenchConfig(n=n, num_images=2, dense=True),
+        ShapesBenchConfig(n=n, num_images=2, dense=True, prompt_gain_n=0),
         model_name="oracle",
         progress=False,
     )
@@ -97,6 +97,10 @@ def test_a_perfect_model_scores_full_marks(pipe, tmp_path):
     assert geneval["hf_fidelity"] == pytest.approx(1.0)
     # the same perfect images judged against other prompts of their tags score far lower
     assert geneval["other_prompt"]["overall"] <= 0.5, geneval["other_prompt"]
+    dense = geneval["dense_background"]  # every dense prompt's background drawn: n dense prompts x 2 images
+    assert dense["accuracy"] == 1.0 and dense["n"] == 2 * n and dense["se"] == 0.0, dense
+    assert geneval["prompt_gain"] is None and geneval["overall_se"] == 0.0
+    assert "Background colour on the" in (tmp_path / "report.md").read_text()
     assert "against another prompt" in (tmp_path / "report.md").read_text()
     vqa = report["vqa"]["report"]
     assert vqa["overall"] == vqa["yes_no_f1"] == vqa["ocr_accuracy"] == 1.0
@@ -106,13 +110,16 @@ def test_a_perfect_model_scores_full_marks(pipe, tmp_path):
 
 def test_the_tiny_model_runs_end_to_end(pipe, tmp_path):
     cfg = ShapesBenchConfig(
-        n=1, num_images=1, steps=1, guidance=1.0, edit_steps=2, edit_guidance=1.0, max_new_tokens=4, seed=0
+        n=1, num_images=1, steps=1, guidance=1.0, edit_steps=2, edit_guidance=1.0, max_new_tokens=4, seed=0,
+        prompt_gain_n=2,
     )
     report = run_shapes_bench(pipe, tmp_path, cfg, model_name="tiny", progress=False)
     saved = json.loads((tmp_path / "shapes_bench.json").read_text())
     assert set(TASKS) <= set(saved) and saved["model"] == "tiny" and saved == json.loads(json.dumps(report))
     assert 0.0 <= saved["geneval"]["summary"]["overall"] <= 1.0
     assert saved["geneval"]["other_prompt"] is None  # one prompt per tag: no other prompt to judge against
+    assert saved["geneval"]["dense_background"] is None  # no dense prompts asked for
+    assert saved["geneval"]["prompt_gain"]["n"] == 2 and "relative_gain" in saved["geneval"]["prompt_gain"]
     assert {"yes_no_f1", "ocr_accuracy", "overall"} <= set(saved["vqa"]["report"])
     assert all({"prediction", "correct", "type"} <= set(it) for it in saved["vqa"]["items"])
     for sample in saved["geneval"]["samples"] + saved["edit"]["items"]:
@@ -151,6 +158,8 @@ def test_marks_and_config_checks():
         ShapesBenchConfig(n=0)
     with pytest.raises(ValueError, match="split must be one of"):
         ShapesBenchConfig(split="train")
+    with pytest.raises(ValueError, match="prompt_gain_n"):
+        ShapesBenchConfig(prompt_gain_n=1)
 
 
 def test_validation_split_draws_other_scenes_than_test():

@@ -148,11 +148,13 @@ def cmd_shapes(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
         shift=args.shift,
+        solver=args.solver,
         edit_steps=args.edit_steps,
         edit_guidance=args.edit_guidance,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         split=args.split,
+        prompt_gain_n=args.prompt_gain_n,
     )
     report = run_shapes_bench(
         _pipeline(args), args.out, cfg, model_name=model_identity(args.model), progress=not args.quiet
@@ -163,6 +165,12 @@ def cmd_shapes(args: argparse.Namespace) -> int:
             f"ShapesGenEval overall {report['geneval']['summary']['overall']:.4f}, "
             f"hf fidelity {report['geneval']['hf_fidelity']:.3f}"
         )
+        gain, dense = report["geneval"].get("prompt_gain"), report["geneval"].get("dense_background")
+        if gain:
+            print(f"relative prompt gain {gain['relative_gain']:+.4f} ({gain['n']} samples)")
+        if dense:
+            print(f"dense prompts: background colour {dense['accuracy']:.4f} (vs another prompt's "
+                  f"{dense['other_prompt']:.4f})")
     if "vqa" in report:
         r = report["vqa"]["report"]
         print(
@@ -314,7 +322,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     g = sub.add_parser(
         "geneval", help="GenEval images (<out>/<i>/samples/<k>.png), sharded over RANK/WORLD_SIZE"
     )
-    g.add_argument("--out", required=True, help="run folder (a rerun resumes it)")
+    g.add_argument("--out", "-o", required=True, help="run folder (a rerun resumes it)")
     g.add_argument(
         "--prompts", default="short", help="short | long (rewritten prompts) | a metadata jsonl path"
     )
@@ -323,7 +331,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     g.set_defaults(func=cmd_geneval)
 
     d = sub.add_parser("dpg", help="DPG-Bench grids (<out>/<name>.png, 2x2), sharded over RANK/WORLD_SIZE")
-    d.add_argument("--out", required=True, help="run folder (a rerun resumes it)")
+    d.add_argument("--out", "-o", required=True, help="run folder (a rerun resumes it)")
     d.add_argument(
         "--prompts", default=None, help="folder of DPG *.txt prompt files (default: the bundled 1065)"
     )
@@ -332,7 +340,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     d.set_defaults(func=cmd_dpg)
 
     s = sub.add_parser("shapes", help="ShapesBench: ShapesGenEval, ShapesVQA (incl. OCR, POPE), ShapesEdit")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", "-o", required=True)
     s.add_argument("--n", type=int, default=10, help="prompts per tag / VQA scenes / edits (default 10)")
     s.add_argument("--tasks", default="geneval,vqa,edit", help="comma-separated subset of geneval,vqa,edit")
     s.add_argument("--dense", action="store_true", help="add dense (DPG-like) prompts to ShapesGenEval")
@@ -340,12 +348,15 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--guidance", type=float, default=None)
     s.add_argument("--shift", type=float, default=None, help="the release's time-shift alpha (default: the model's)")
+    s.add_argument("--solver", default=None, help="euler | multistep | heun | midpoint (default: the model's)")
     s.add_argument("--edit-steps", type=int, default=None)
     s.add_argument("--edit-guidance", type=float, default=None)
     s.add_argument("--max-new-tokens", type=int, default=16, help="VQA answer length (default 16)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--split", choices=("test", "val"), default="test",
                    help="held-out seeds: test (scorecards, default) or val (to choose settings without touching test)")
+    s.add_argument("--prompt-gain-n", type=int, default=64,
+                   help="held-out samples for the relative prompt gain (default 64; 0 skips it)")
     s.add_argument("--scorecard", default=None, metavar="FILE",
                    help="also write the compact scorecard (summaries + per-item verdicts) that ships with a model")
     _model_args(s)
@@ -357,7 +368,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     c.add_argument("--split", choices=("val", "test"), default="val")
     c.add_argument("--times", default="0.1,0.3,0.5,0.7,0.9", help="flow times (0 = noise), comma-separated")
     c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    c.add_argument("--out", "-o", default=None, help="also write the numbers as JSON here")
     _model_args(c)
     c.set_defaults(func=cmd_prompt_gain)
 
@@ -397,14 +408,14 @@ def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     c.add_argument("--labels", default=None, help="comma-separated legend names, one per run")
     c.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for noisy curves")
     c.add_argument("--title", default=None)
-    c.add_argument("--out", default="curves.png")
+    c.add_argument("--out", "-o", default="curves.png")
     c.set_defaults(func=cmd_plot_curves)
 
     k = sub.add_parser("scorecards", help="ShapesBench figures of several scorecards against training samples seen")
     k.add_argument("--point", action="append", required=True, metavar="SAMPLES=SCORECARD",
                    help="a scorecard JSON and the samples its model had seen (repeat)")
     k.add_argument("--title", default=None)
-    k.add_argument("--out", default="scorecards.png")
+    k.add_argument("--out", "-o", default="scorecards.png")
     k.set_defaults(func=cmd_plot_scorecards)
 
     h = sub.add_parser(
@@ -417,14 +428,14 @@ def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     h.add_argument("--guidance", type=float, default=None)
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--title", default=None)
-    h.add_argument("--out", default="hfi.png")
+    h.add_argument("--out", "-o", default="hfi.png")
     _model_args(h)
     h.set_defaults(func=cmd_plot_hfi)
 
     g = sub.add_parser("settings", help="one prompt and seed over a grid of steps, guidance and shift")
     g.add_argument("--prompt", required=True)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default="settings.png")
+    g.add_argument("--out", "-o", default="settings.png")
     _model_args(g)
     g.set_defaults(func=cmd_plot_settings)
     return p
@@ -455,7 +466,7 @@ def add_ablate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     a = subparsers.add_parser("ablate", help="train matched pairs (HFI, pixel reconstruction, joint training) "
                                              "from one seed and budget and report ShapesBench differences")
-    a.add_argument("--out", required=True, help="ablation folder (a rerun reuses finished runs, resumes others)")
+    a.add_argument("--out", "-o", required=True, help="ablation folder (a rerun reuses finished runs, resumes others)")
     a.add_argument("--recipe", default="tiny-shapes", help="base recipe (default tiny-shapes)")
     a.add_argument("--steps", type=int, default=600, help="optimizer steps of each from-scratch run")
     a.add_argument("--finetune-steps", type=int, default=200, help="steps of each fine-tune (joint pair)")

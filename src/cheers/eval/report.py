@@ -48,6 +48,16 @@ def shapes_markdown(report: dict[str, Any]) -> str:
                   "generator that ignored its prompt would score; the accuracy should be well above it.",
                   "VAE ceiling: the same judge on the reference renders passed through the model's VAE — the "
                   "best a generator could reach through it."]
+        if g.get("overall_se") is not None:
+            lines += ["", f"Overall {_pct(g['summary']['overall'])} ± {_pct(g['overall_se'])} (standard error)."]
+        dense = g.get("dense_background")
+        if dense:
+            lines += ["", f"Background colour on the {dense['n']} dense prompts' images: {_pct(dense['accuracy'])} "
+                      f"± {_pct(dense['se'])} (against another dense prompt's colour: {_pct(dense['other_prompt'])})."]
+        gain = g.get("prompt_gain")
+        if gain:
+            lines += ["", f"Relative prompt gain (flow loss with another prompt over the own prompt, "
+                      f"{gain['n']} held-out samples): {gain['relative_gain']:+.4f} (0 = the prompt is ignored)."]
         fails = [s for s in g["samples"] if not s["correct"]][:MAX_FAILURES]
         if fails:
             lines += ["", "Failures (first few):", ""]

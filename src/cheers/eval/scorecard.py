@@ -36,7 +36,9 @@ def make_scorecard(report: dict[str, Any], command: str) -> dict[str, Any]:
     if "geneval" in report:
         g = report["geneval"]
         card["geneval"] = {"summary": g["summary"], "hf_fidelity": g["hf_fidelity"], "n_images": g["n_images"],
-                           "vae_ceiling": g.get("vae_ceiling"), "other_prompt": g.get("other_prompt")}
+                           "vae_ceiling": g.get("vae_ceiling"), "other_prompt": g.get("other_prompt"),
+                           "overall_se": g.get("overall_se"), "dense_background": g.get("dense_background"),
+                           "prompt_gain": g.get("prompt_gain")}
     if "vqa" in report:
         card["vqa"] = report["vqa"]["report"]
     if "edit" in report:

@@ -5,7 +5,10 @@ Three tasks, all on one held-out split's seeds (``test`` by default; tune settin
 
 * ShapesGenEval: ``n`` prompt specs per GenEval tag (``+ dense`` optionally) -> the GenEval runner (same
   layout, seeds and resuming, in ``<out>/geneval``) -> :func:`judge_geneval_folder`; plus the
-  high-frequency fidelity of the images against renders of the specs' reference scenes.
+  high-frequency fidelity of the images against renders of the specs' reference scenes; the same images
+  judged against other prompts (what a prompt-blind generator scores); with ``dense``, the share of dense
+  prompts whose named background colour is drawn; and the relative prompt gain (flow loss with another
+  prompt over the own one, :mod:`cheers.eval.conditioning`) on ``prompt_gain_n`` held-out samples.
 * ShapesVQA: ``n`` scenes (text in half of them, for OCR) and every question type that applies - colour,
   background, count, where, relation and exists (POPE-style balanced yes/no), OCR, multiple choice; greedy
   answers scored by :func:`score_vqa`.
@@ -73,10 +76,12 @@ class ShapesBenchConfig:
 
     n: prompts per tag (ShapesGenEval), scenes (ShapesVQA) and edits (ShapesEdit).
     tasks: a subset of TASKS. dense: add dense (DPG-like) prompts to GenEval's six tags.
-    num_images, steps, guidance, shift: text-to-image (None: the model's defaults).
+    num_images, steps, guidance, shift, solver: text-to-image (None: the model's defaults).
     edit_steps, edit_guidance: editing (None: the model's defaults). max_new_tokens: VQA answers.
     resolution: side of the rendered input scenes (default: the processor's image size).
     chat_batch: questions per chat call.
+    prompt_gain_n: held-out generation samples for the relative prompt gain (0, the default here: not
+        measured; ``cheers eval shapes`` measures 64).
     split: the held-out seeds to draw from: "test" (scorecards) or "val" (for choosing settings).
     """
 
@@ -87,6 +92,7 @@ class ShapesBenchConfig:
     steps: int | None = None
     guidance: float | None = None
     shift: float | None = None
+    solver: str | None = None
     edit_steps: int | None = None
     edit_guidance: float | None = None
     max_new_tokens: int = 16
@@ -94,12 +100,15 @@ class ShapesBenchConfig:
     resolution: int | None = None
     chat_batch: int = 8
     split: str = "test"
+    prompt_gain_n: int = 0
 
     def __post_init__(self) -> None:
         if self.split not in HELD_OUT:
             raise ValueError(f"split must be one of {HELD_OUT} (the training split is not held out), got {self.split!r}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.prompt_gain_n != 0 and self.prompt_gain_n < 2:
+            raise ValueError(f"prompt_gain_n must be 0 (off) or >= 2 (prompts are swapped), got {self.prompt_gain_n}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
@@ -155,6 +164,7 @@ def shapes_geneval(
         num_inference_steps=cfg.steps,
         guidance_scale=cfg.guidance,
         shift=cfg.shift,
+        solver=cfg.solver,
         seed=cfg.seed,
         prompt_template=PROMPT_TEMPLATE,
         batch_size=cfg.num_images,
@@ -171,9 +181,18 @@ def shapes_geneval(
     references = [render_scene(scene, check_resolution(size)) for _, scene in items]
     contact_sheet(tiles, cols=max(cfg.num_images, 4)).save(out / "geneval_sheet.png")
     tags = len(PROMPT_TAGS if cfg.dense else GENEVAL_TAGS)
+    indices = [int(v.index) for v in verdicts]
+    gain = None
+    if cfg.prompt_gain_n:
+        from .conditioning import prompt_gain, shapes_generation_records
+
+        gain = prompt_gain(pipe.model, pipe.processor, shapes_generation_records(cfg.prompt_gain_n, cfg.split))
     return {
         "summary": summary,
-        "other_prompt": other_prompt_control(items, [int(v.index) for v in verdicts], generated, tags),
+        "overall_se": binomial_se(summary["overall"], len(verdicts)),
+        "other_prompt": other_prompt_control(items, indices, generated, tags),
+        "dense_background": dense_background(items, indices, generated, tags) if cfg.dense else None,
+        "prompt_gain": None if gain is None else gain.as_dict(),
         "vae_ceiling": vae_ceiling(pipe.model.model.vae_model, items, references),
         "hf_fidelity": hf_fidelity(generated, references),
         "n_prompts": len(items),
@@ -205,6 +224,30 @@ def other_prompt_control(items: list[tuple[dict[str, Any], Any]], indices: list[
         spec = items[(index + stride) % len(items)][0]
         results.append((spec["tag"], score_spec(parse_image(np.asarray(image.convert("RGB"))), spec).correct))
     return summarize_geneval(results)
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` independent items."""
+    return float(np.sqrt(max(p * (1 - p), 0.0) / max(n, 1)))
+
+
+def dense_background(items: list[tuple[dict[str, Any], Any]], indices: list[int], images: list[Image.Image],
+                     stride: int) -> dict[str, float] | None:
+    """Over the dense prompts' images: the share whose background colour (as the parser reads it) is the one
+    the prompt names, and the same against the next dense prompt's colour (a prompt-blind generator's score;
+    backgrounds are one of three colours). None without dense items."""
+    own, other = [], []
+    for index, image in zip(indices, images):
+        spec = items[index][0]
+        if spec.get("tag") != "dense":
+            continue
+        got = parse_image(np.asarray(image.convert("RGB"))).background
+        own.append(got == spec["background"]["color"])
+        other.append(got == items[(index + stride) % len(items)][0]["background"]["color"])
+    if not own:
+        return None
+    acc = float(np.mean(own))
+    return {"accuracy": acc, "se": binomial_se(acc, len(own)), "other_prompt": float(np.mean(other)), "n": len(own)}
 
 
 @torch.no_grad()
