@@ -159,6 +159,6 @@ def test_release_tokenizer_gives_the_released_ids():
     tok = AutoTokenizer.from_pretrained(str(RELEASE_DIR), trust_remote_code=False)
     assert add_cheers_special_tokens(tok) == 5
     s = SpecialTokens.from_tokenizer(tok)
-    # The released ids, documented in SPEC §10.2 (the only place they appear as literals).
+    # The released ids, documented in reference §10.2 (the only place they appear as literals).
     assert (s.image, s.image_gen, s.im_start, s.im_end, s.no_mean) == (151665, 151666, 151667, 151668, 151669)
     assert (s.eos, s.pad, s.chat_start, s.chat_end, s.newline) == (151645, 151643, 151644, 151645, 198)

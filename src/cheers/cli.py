@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="text-to-image")
     p.add_argument("prompt")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--out", "-o", default=DEFAULT_OUT)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="edit an image following an instruction")
     p.add_argument("image")
     p.add_argument("instruction")
-    p.add_argument("--out", default="cheers-edit.png")
+    p.add_argument("--out", "-o", default="cheers-edit.png")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -249,15 +249,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
     p.set_defaults(func=cmd_bench)
 
-    for module, adder in (("cheers.data.shapes.cli", "add_shapes_parser"), ("cheers.training.cli", "add_train_parser"),
-                          ("cheers.web", "add_web_parser"), ("cheers.eval.cli", "add_eval_parser"),
-                          ("cheers.eval.cli", "add_plot_parser"), ("cheers.eval.cli", "add_ablate_parser")):
+    for name, module, adder, extra in OPTIONAL_COMMANDS:
         try:
             mod = __import__(module, fromlist=[adder])
-        except ImportError:
+        except ModuleNotFoundError as err:
+            if (err.name or "").split(".")[0] == "cheers":  # our own code is broken: say so, do not hide it
+                raise
+            _unavailable_command(sub, name, err.name or "a package", extra)
             continue
         getattr(mod, adder)(sub)
     return parser
+
+
+OPTIONAL_COMMANDS = (
+    ("shapes", "cheers.data.shapes.cli", "add_shapes_parser", None),
+    ("train", "cheers.training.cli", "add_train_parser", "train"),
+    ("web", "cheers.web", "add_web_parser", "demo"),
+    ("eval", "cheers.eval.cli", "add_eval_parser", "eval"),
+    ("plot", "cheers.eval.cli", "add_plot_parser", "eval"),
+    ("ablate", "cheers.eval.cli", "add_ablate_parser", "eval"),
+)
+"""(command, module, the function that registers it, the extra that installs what it needs)."""
+
+
+def _unavailable_command(sub, name: str, missing: str, extra: str | None) -> None:
+    """A command whose optional dependency is missing: listed, and an error naming the fix when run."""
+    fix = f"pip install 'cheers[{extra}]'" if extra else f"pip install {missing}"
+    message = f"'cheers {name}' needs {missing}, which is not installed: {fix}"
+    # no options of its own: whatever follows (--help included) is taken as is and answered with the message
+    p = sub.add_parser(name, help=f"(unavailable: needs {missing})", add_help=False, prefix_chars="\x01")
+    p.add_argument("rest", nargs="*")
+
+    def fail(args: argparse.Namespace) -> int:
+        print(f"cheers: error: {message}", file=sys.stderr)
+        return 2
+
+    p.set_defaults(func=fail)
 
 
 def _cuda_graph_arg(p: argparse.ArgumentParser) -> None:

@@ -233,7 +233,7 @@ class CheersConfig:
         return self.vision.image_size
 
     def validate(self) -> None:
-        """Check the constraints the release relies on without saying so (SPEC §1)."""
+        """Check the constraints the release relies on without saying so (reference §1)."""
         enc, dec, vis, txt = self.vae_encoder, self.vae_decoder, self.vision, self.text
         if enc.z_channels != dec.z_channels:
             raise ConfigError(f"vae encoder z_channels {enc.z_channels} != decoder z_channels {dec.z_channels}")

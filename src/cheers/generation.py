@@ -1,4 +1,4 @@
-"""Interleaved generation with a KV cache: prefill, image sampling (flow ODE) and text decoding (SPEC §10).
+"""Interleaved generation with a KV cache: prefill, image sampling (flow ODE) and text decoding (reference §10).
 
 Dimension legend: B prompts, R cache rows (B, or 2B with guidance: conditional rows first), T cache length,
 N tokens per image, C latent channels, h×w latent grid, V vocabulary.
@@ -26,6 +26,7 @@ from cheers.sampling import (
     check_solver,
     edit_schedule,
     edit_start,
+    edit_steps,
     in_guidance_interval,
     sample,
     schedule,
@@ -40,7 +41,7 @@ __all__ = ["GenerationOutput", "ImageSampler", "LMState", "StaticDecoder", "exte
 
 
 class ImageSampler:
-    """Velocity of a latent given the cached prompt(s), with optional guidance (SPEC §10.1).
+    """Velocity of a latent given the cached prompt(s), with optional guidance (reference §10.1).
 
     Args:
         model: the Cheers model.
@@ -167,7 +168,7 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
              guidance_interval: tuple[float, float] | None = None,
              static_cache: bool = False, cuda_graph: bool = False) -> GenerationOutput:
     """The release's ``generate`` loop, batched: text decoding, and an image whenever a row's last token is
-    ``<im_start>`` (SPEC §10.2).
+    ``<im_start>`` (reference §10.2).
 
     Args:
         input_ids, attention_mask: (B, L) prompts (right-padded), typically ending in ``<im_start>``.
@@ -250,7 +251,7 @@ def generate(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tenso
         make = pending_image & ~done
         if bool(make.any()):
             if edit_image:
-                steps = int(steps * 0.9) if not first_image else steps
+                steps = edit_steps(steps) if not first_image else steps
                 ts = edit_schedule(steps, alpha)
                 steps_used = ts.shape[0]
             else:

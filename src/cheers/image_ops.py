@@ -1,6 +1,6 @@
 """Image preprocessing for Cheers: any image-like input -> (3, R, R) float32 in [0, 1].
 
-Two geometries (SPEC §12), both with PIL bicubic resampling and no mean/std normalisation:
+Two geometries (reference §12), both with PIL bicubic resampling and no mean/std normalisation:
 
 * understanding (:func:`preprocess_understanding`): scale by ``min(R/h, R/w)``, pad to R×R with black,
   centred (left/top = pad // 2);
@@ -123,7 +123,7 @@ def preprocess_generation(image: Any, resolution: int = 512) -> torch.Tensor:
 
 
 def dummy_image(generator: torch.Generator | None = None, resolution: int = 512) -> torch.Tensor:
-    """The release's stand-in image for prompts without one (SPEC §10.2 "No input image").
+    """The release's stand-in image for prompts without one (reference §10.2).
 
     A 256×256 RGB image of uniform random bytes (drawn HWC from ``generator``; the release draws it
     unseeded), resized bicubically to R×R with PIL, divided by 255.

@@ -1,4 +1,4 @@
-"""The language model's KV cache for generation: prefill a prompt, extend it, crop it back (SPEC §10.1).
+"""The language model's KV cache for generation: prefill a prompt, extend it, crop it back (reference §10.1).
 
 Dimension legend: R cache rows, T cache length (static cache: its capacity), Dt LLM width, V vocabulary.
 

@@ -24,7 +24,7 @@ from cheers.generation import GenerationOutput, generate
 from cheers.models.cheers import Cheers
 from cheers.models.pretrained import from_pretrained, resolve_dtype
 from cheers.processor import CheersProcessor
-from cheers.sampling import check_guidance_interval, check_solver
+from cheers.sampling import check_guidance_interval, check_solver, edit_steps
 from cheers.text_sampling import TextSampling
 
 logger = logging.getLogger(__name__)
@@ -388,7 +388,7 @@ class CheersPipeline:
              return_gates, edit, solver="euler", interval=None) -> GenerationOutput:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(steps * 0.9) if edit else steps, desc="sampling", disable=not self.progress,
+        bar = tqdm(total=edit_steps(steps) if edit else steps, desc="sampling", disable=not self.progress,
                    leave=False)
 
         def on_step(n, t, x, v):

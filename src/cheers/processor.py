@@ -6,7 +6,7 @@ and ``<image_gen>`` ids become the markers -200 / -300 (:class:`~cheers.tokens.S
 the model replaces with image tokens.
 
 Images are matched to placeholders in order, row by row. A row without any placeholder gets a *prefix
-image* (the model prepends its tokens, SPEC §5 rule 2); by default the release's random dummy image
+image* (the model prepends its tokens, reference §5 rule 2); by default the release's random dummy image
 (:func:`~cheers.image_ops.dummy_image`), drawn from the caller's ``generator``.
 
 Differences from the release's processor, all for batches or reproducibility: the dummy image comes from
@@ -26,6 +26,7 @@ import torch
 
 from cheers import image_ops
 from cheers.chat_template import RELEASE_CHAT_TEMPLATE  # used when the tokenizer has none
+from cheers.models.sequence import IGNORE_INDEX
 from cheers.tokens import SpecialTokens, add_cheers_special_tokens, cfg_dropout_ids, unconditional_ids
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ IMAGE_PLACEHOLDER = "<im_start><image><im_end>"
 IMAGE_GEN_PLACEHOLDER = "<im_start><image_gen><im_end>"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
-IGNORE_INDEX = -100
 
 Mode = Literal["understand", "generate", "edit"]
 
@@ -338,7 +338,7 @@ class CheersProcessor:
     # training labels and CFG prompts
 
     def encode_conversation(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ids and unshifted labels of one training record (SPEC §11, "Training data").
+        """Ids and unshifted labels of one training record (reference §11).
 
         The conversation is rendered with the chat template (no generation prompt) turn by turn.
         Assistant turns, from ``<|im_start|>assistant\\n`` to ``<|im_end|>\\n``, are labelled with their

@@ -40,9 +40,14 @@ def schedule(num_steps: int, alpha: float = 1.0, start: float = 0.0) -> torch.Te
     return time_shift(torch.linspace(start, 1.0, num_steps, dtype=torch.float32), alpha)
 
 
+def edit_steps(num_steps: int) -> int:
+    """The steps editing runs for ``num_inference_steps`` S: int(0.9·S), as released."""
+    return int(num_steps * EDIT_STEP_FRACTION)
+
+
 def edit_schedule(num_steps: int, alpha: float = 1.0) -> torch.Tensor:
     """Editing: ``shift(linspace(0.1, 1, int(0.9·S)))``. Note the first velocity is taken at shift(0.1)."""
-    effective = int(num_steps * EDIT_STEP_FRACTION)
+    effective = edit_steps(num_steps)
     if effective < 1:
         raise ValueError(f"editing needs num_inference_steps >= 2 (int(0.9·S) >= 1), got {num_steps}")
     return schedule(effective, alpha, start=EDIT_START_T)
@@ -163,7 +168,7 @@ def euler_sample(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tens
         x: (B, C, h, w) start latent.
         timesteps: (S,) increasing, ending at 1.
         final_step: ``"release"`` evaluates v at the last t (= 1) and adds it once more with step 1/S, so the
-            integration overshoots t = 1 by 1/S (the released behaviour, SPEC §10.2); ``"exact"`` stops at t = 1
+            integration overshoots t = 1 by 1/S (the released behaviour, reference §10.2); ``"exact"`` stops at t = 1
             (the last velocity is still evaluated, so a caller's KV cache sees the final latent).
         callback: called as ``callback(step, t, x, v)`` after each velocity evaluation.
     Returns:

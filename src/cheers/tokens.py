@@ -16,7 +16,7 @@ The chat tokens come from Qwen2: ``<|im_start|>``, ``<|im_end|>`` (also the EOS)
 The markers -200 and -300 are the release's conventions: negative so that they can never collide with
 a vocabulary id. They are not tokens; the model splices image features in at their positions.
 
-This module also holds the two id rewrites used by classifier-free guidance (SPEC §10.2 "CFG" and §11,
+This module also holds the two id rewrites used by classifier-free guidance (reference §10.2 and §11,
 last bullet): :func:`unconditional_ids` and :func:`cfg_dropout_ids`.
 """
 
@@ -196,7 +196,7 @@ class SpecialTokens:
 
     @property
     def prompt_label_ids(self) -> frozenset[int]:
-        """Ids that keep their own value as labels inside system and user turns (SPEC §11)."""
+        """Ids that keep their own value as labels inside system and user turns (reference §11)."""
         return frozenset(
             (self.newline, self.chat_start, self.chat_end, self.im_start, self.im_end, self.no_mean)
         )
@@ -247,7 +247,7 @@ def add_cheers_special_tokens(tokenizer: Any) -> int:
 
 
 def unconditional_ids(input_ids: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
-    """The inference-time unconditional (CFG) prompt (SPEC §10.2 "CFG").
+    """The inference-time unconditional (CFG) prompt (reference §10.2).
 
     Every id except ``im_start``, ``im_end`` and the understanding marker becomes ``no_mean`` -- chat
     tokens, role words, newlines, padding and the generation marker included.
@@ -264,7 +264,7 @@ def unconditional_ids(input_ids: torch.Tensor, special: SpecialTokens) -> torch.
 
 
 def cfg_dropout_ids(input_ids: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
-    """The training-time CFG-dropout rewrite of a generation sample's input ids (SPEC §11).
+    """The training-time CFG-dropout rewrite of a generation sample's input ids (reference §11).
 
     Like :func:`unconditional_ids` but the generation marker survives too: every id except
     ``image_gen_marker``, ``image_marker``, ``im_start`` and ``im_end`` becomes ``no_mean``.

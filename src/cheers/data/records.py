@@ -1,6 +1,6 @@
 """The release's training records: one JSON object per line, read into typed, validated records.
 
-Line format (SPEC.md, "Training data")::
+Line format (the release's training data; docs/reference.md §11)::
 
     {"id": ..., "image": "path" | "src_path, target_path" | absent,
      "conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}

@@ -9,6 +9,7 @@ State-dict names are the release's: ``model.<part>`` for every part and ``lm_hea
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,16 @@ from cheers.models.vision import (
 )
 from cheers.tokens import SpecialTokens
 
+# transformers 5.x renamed Qwen2Model's ``past_key_values`` argument and output to ``cache`` (the old name
+# warns and goes in 5.40): pass the KV cache under whichever name the installed version takes.
+_LM_CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+
+
+def lm_output_cache(out):
+    """The KV cache of a Qwen2Model output, under its current or its former name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
 
 def build_language_model(cfg: TextConfig) -> Qwen2Model:
     hf = Qwen2Config(
@@ -43,7 +54,7 @@ def build_language_model(cfg: TextConfig) -> Qwen2Model:
         # set explicitly: the release's config.json omits it, and library defaults have changed over time
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
     )
-    hf._attn_implementation = "sdpa"  # the boolean-mask semantics the release relies on (SPEC §5, quirk 17)
+    hf._attn_implementation = "sdpa"  # the boolean-mask semantics the release relies on (reference §5)
     return Qwen2Model(hf)
 
 
@@ -93,7 +104,7 @@ class CheersModel(nn.Module):
                                      cfg.text.num_key_value_heads, out_dim=4 * dv)
         self.hi_gate = HiGate(dv)
         # The release gives stage 2 the vision heads but the *text* KV-head count, and RoPE positions that
-        # wrap at half the token count (SPEC §8).
+        # wrap at half the token count (reference §8).
         self.hi_projector = DiTHead(dv, opt.hi_head_depth, cfg.vision.num_attention_heads,
                                     cfg.text.num_key_value_heads, out_dim=cfg.vae_decoder.ch, wrap_positions=True)
         self.time_embed = TimestepEmbedder(dt, dv, opt.time_embed_dim)
@@ -126,7 +137,7 @@ class CheersModel(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor, t: torch.Tensor | None = None,
                        x0: torch.Tensor | None = None, generator: torch.Generator | None = None) -> ImageFeatures:
-        """Images at flow times t (default 1) -> tokens, pixel_hat, velocity target, time embeddings (SPEC §4).
+        """Images at flow times t (default 1) -> tokens, pixel_hat, velocity target, time embeddings (reference §4).
 
         Args:
             pixel_values: (n, 3, H, W) in [0, 1].
@@ -153,7 +164,7 @@ class CheersModel(nn.Module):
     # -- the cascaded flow head -----------------------------------------------------------------------------
     def velocity_head(self, hidden: torch.Tensor, temb1: torch.Tensor, temb2: torch.Tensor,
                       pixel_hat: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """LLM image states -> velocity (SPEC §9).
+        """LLM image states -> velocity (reference §9).
 
         Args:
             hidden: (n, N, Dt) final-normed LLM states at the image positions.
@@ -252,14 +263,14 @@ class Cheers(nn.Module):
                            past_key_values=None, use_cache: bool = False):
         """One call of the Qwen2 stack with an explicit boolean 4-D mask and explicit positions."""
         return self.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                         past_key_values=past_key_values, use_cache=use_cache)
+                                         use_cache=use_cache, **{_LM_CACHE_ARG: past_key_values})
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, t: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, x0: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, past_key_values=None, use_cache: bool = False,
                 flow_loss_weight: float = 1.0, image_features: ImageFeatures | None = None) -> CheersOutput:
-        """Understanding forward (no labels) or training forward (labels), SPEC §5, §6, §11.
+        """Understanding forward (no labels) or training forward (labels), reference §5, §6, §11.
 
         Args:
             input_ids: (B, L) with image markers.
@@ -284,7 +295,7 @@ class Cheers(nn.Module):
         positions = torch.arange(asm.embeds.shape[1], device=input_ids.device).expand(asm.embeds.shape[0], -1)
         lm = self.run_language_model(asm.embeds, mask, positions, past_key_values, use_cache)
         hidden = lm.last_hidden_state  # (B, L', Dt)
-        out = CheersOutput(hidden_states=hidden, assembled=asm, past_key_values=lm.past_key_values if use_cache else None)
+        out = CheersOutput(hidden_states=hidden, assembled=asm, past_key_values=lm_output_cache(lm) if use_cache else None)
         if feats is not None:
             out.time_embeds_1, out.time_embeds_2 = feats.temb1, feats.temb2
         if labels is None:

@@ -121,7 +121,7 @@ class DiTHead(nn.Module):
     """A stack of DiT blocks and a final layer (``diffusion_head_a``, ``diffusion_head_b``).
 
     Args:
-        wrap_positions: token k gets RoPE position k mod (M/2) (the release's hi_projector, SPEC §8)
+        wrap_positions: token k gets RoPE position k mod (M/2) (the release's hi_projector, reference §8)
             instead of k.
     """
 

@@ -1,4 +1,4 @@
-"""Splicing image tokens into the text sequence, the hybrid attention mask and the training labels (SPEC §5, §11).
+"""Splicing image tokens into the text sequence, the hybrid attention mask and the training labels (reference §5, §11).
 
 Dimension legend: B rows, L input length, L' expanded length, N tokens per image, Dt text width.
 
@@ -40,7 +40,7 @@ def assemble(
     labels: torch.Tensor | None = None,
     max_length: int | None = None,
 ) -> Assembled:
-    """Build the LLM input (SPEC §5).
+    """Build the LLM input (reference §5).
 
     Args:
         input_ids: (B, L) ids with image markers.
@@ -157,7 +157,7 @@ def _run_ids(flags: torch.Tensor) -> torch.Tensor:
 
 
 def hybrid_mask(image_flags: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The boolean LLM mask (True = may attend), (B, L') -> (B, 1, L', L') (SPEC §5).
+    """The boolean LLM mask (True = may attend), (B, L') -> (B, 1, L', L') (reference §5).
 
     ``((k ≤ q) or same image run) and same valid run, or same padding run``: causal text, bidirectional
     image blocks, real tokens never see padding, padding sees only its own run.
@@ -174,7 +174,7 @@ def hybrid_mask(image_flags: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def shift_labels(labels: torch.Tensor, markers: tuple[int, int], im_end: int) -> torch.Tensor:
-    """Next-token targets for hidden states ``[:, :-1]`` (SPEC §11 steps 2-3): (B, L') -> (B, L'-1).
+    """Next-token targets for hidden states ``[:, :-1]`` (reference §11 steps 2-3): (B, L') -> (B, L'-1).
 
     The release rewrites the shifted labels (IM_START gains a following -100, IM_END is dropped, markers become
     -100). For every well-formed block ``x, IM_START, img×N, IM_END, y`` that is the same as: shift by one, then

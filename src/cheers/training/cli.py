@@ -24,7 +24,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="packaged recipe name or path to a YAML recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.lr=2e-5 (repeatable)")
-    p.add_argument("--out", default=None, help="run directory (default: the recipe's 'out')")
+    p.add_argument("--out", "-o", default=None, help="run directory (default: the recipe's 'out')")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest if present")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="leave after N steps of this invocation (with a checkpoint)")

@@ -1,4 +1,4 @@
-"""One record + its images -> one training sample: ids, labels, images with their flow times and noise (SPEC §11).
+"""One record + its images -> one training sample: ids, labels, images with their flow times and noise (reference §11).
 
 Rules (the release's):
 

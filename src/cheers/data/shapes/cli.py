@@ -126,13 +126,13 @@ def add_shapes_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     r = sub.add_parser("render", help="render scenes, a contact sheet and their prompts/questions")
     r.add_argument("--n", type=int, default=32)
     r.add_argument("--res", type=int, default=128, choices=RESOLUTIONS)
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", "-o", required=True)
     r.add_argument("--seed", type=int, default=0, help="first scene seed")
     r.add_argument("--cols", type=int, default=8, help="contact sheet columns")
     r.set_defaults(func=cmd_render)
 
     e = sub.add_parser("export", help="write release-format jsonl files and an image folder")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", "-o", required=True)
     for kind, n in (("understanding", 300), ("generation", 600), ("editing", 0), ("text", 100)):
         e.add_argument(f"--{kind}", type=int, default=n, help=f"number of {kind} records (default {n})")
     e.add_argument("--res", type=int, default=128, choices=RESOLUTIONS)
@@ -142,7 +142,7 @@ def add_shapes_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     q = sub.add_parser("prompts", help="write a ShapesGenEval prompt file (GenEval metadata lines)")
     q.add_argument("--n", type=int, default=50, help="prompts per tag")
-    q.add_argument("--out", required=True, help="jsonl file")
+    q.add_argument("--out", "-o", required=True, help="jsonl file")
     q.add_argument("--dense", action="store_true", help="add dense prompts to GenEval's six tags")
     q.add_argument("--truth-dir", help="also write ground-truth renders in the GenEval folder layout")
     q.add_argument("--res", type=int, default=128, choices=RESOLUTIONS)
@@ -161,7 +161,7 @@ def add_shapes_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     v.set_defaults(func=cmd_validate)
 
     t = sub.add_parser("tokenizer", help="build the ShapesWorld tokenizer (tokenizer.json + config)")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", "-o", required=True)
     t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     t.set_defaults(func=cmd_tokenizer)
     return p
