@@ -11,6 +11,9 @@ from cheers.eval.shapes_bench import ShapesBenchConfig, run_shapes_bench, shapes
 from cheers.models.cheers import Cheers
 from cheers.pipeline import CheersPipeline
 
+MIN_PROMPT_GAIN = 0.05
+"""The relative prompt gain the issue asks of the shipped model (the previous one measured +0.0002)."""
+
 pytestmark = [pytest.mark.skipif(not has_bundled_model(), reason="the bundled model is not installed"),
               pytest.mark.usefixtures("one_cpu_thread")]
 
@@ -39,9 +42,9 @@ def test_shapesbench_reproduces_the_shipped_scorecard(tmp_path):
     is reproduced item by item by a quick rerun over its first items."""
     card = load_scorecard(BUNDLED_DIR)
     pipe = CheersPipeline.from_pretrained(BUNDLED_DIR, device="cpu", progress=False)
-    settings = {k: card["config"][k] for k in ("num_images", "steps", "guidance", "shift", "split", "seed")
+    settings = {k: card["config"][k] for k in ("num_images", "steps", "guidance", "shift", "split", "seed", "dense")
                 if k in card["config"]}
-    cfg = ShapesBenchConfig(n=3, tasks=tuple(card["config"]["tasks"]), **settings)
+    cfg = ShapesBenchConfig(n=3, tasks=tuple(card["config"]["tasks"]), prompt_gain_n=0, **settings)
     report = run_shapes_bench(pipe, tmp_path, cfg, model_name="bundled", progress=False)
     agree, compared = agreement(card, report)
     assert compared >= 30 and agree >= 0.9, (agree, compared)
@@ -59,3 +62,16 @@ def test_vae_ceiling_of_a_directory_matches_the_models_own_vae(tmp_path):
     (tmp_path / "config.json").write_text('{"vae_encoder_config": {"ch": 7}}')
     with pytest.raises(ValueError, match="vae_decoder_config"):
         load_vae_model(tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason="issue #18: the shipped generator does not read its prompt yet (gain +0.0002); "
+                   "a retrained model that does makes this pass and the marker must go")
+def test_bundled_generator_reads_its_prompt():
+    """Issue #18: the shipped generator's flow loss is lower with each image's own prompt than with another
+    image's (held-out validation prompts) at a noisy and a middle flow time: it does not ignore the text."""
+    from cheers.eval.conditioning import prompt_gain, shapes_generation_records
+
+    pipe = CheersPipeline.from_pretrained(BUNDLED_DIR, device="cpu", progress=False)
+    gain = prompt_gain(pipe.model, pipe.processor, shapes_generation_records(16, "val"), times=(0.1, 0.5))
+    assert gain.relative_gain >= MIN_PROMPT_GAIN, gain.table()
+    assert all(g > 0 for g in gain.gain), gain.table()

@@ -195,3 +195,45 @@ def test_init_und_projector_scale_and_the_bundled_model_as_a_start(tmp_path):
     assert torch.equal(scaled.model.und_projector.mlp[0].weight, first.weight)  # only the output layer
     with pytest.raises(RecipeError, match="und_projector_scale"):
         load_recipe("tiny-shapes-follow", ["init.und_projector_scale=0"])
+
+
+def test_the_scratch_recipe_keeps_the_bundled_vae_and_vision_tower_and_trains_the_rest_with_the_fix():
+    """tiny-shapes-scratch (run 1 of the issue #18 retraining): the und_projector at 0.01x the lr, flat
+    backgrounds and the L1 rung for most generation samples, the bundled VAE and vision tower as its only
+    pretrained parts."""
+    import torch
+
+    from cheers.assets import BUNDLED_DIR, has_bundled_model
+    from cheers.checkpoint import load_state_dict
+    from cheers.training.parts import build_model, build_processor, model_config
+
+    recipe = load_recipe("tiny-shapes-scratch")
+    assert recipe.train.lr_multipliers == {"und_projector": 0.01} and recipe.init.from_release is None
+    assert recipe.init.und_projector_scale == 0.5
+    assert (recipe.init.vae, recipe.init.vision, recipe.init.llm) == ("default", "default", None)
+    worlds = {s.name: s.options.get("world", {}) for s in recipe.data.sources if s.task == "generation"}
+    assert worlds == {"gen-l1": {}, "gen": {"textures": ["flat"]}, "gen-full": {}}
+    assert {s.name: s.options.get("rung") for s in recipe.data.sources}["gen-l1"] == "L1"
+    assert "vae" not in recipe.train.trainable and recipe.engine.precision == "bf16"
+    if not has_bundled_model():
+        return
+    config = model_config(recipe)
+    model = build_model(recipe, build_processor(recipe, config).special, config)
+    bundled = load_state_dict(BUNDLED_DIR)
+    ours = model.state_dict()
+    for name in ("model.vae_model.decoder.conv_in.weight", "model.vision_representation.embeddings.patch_embedding.weight"):
+        assert torch.equal(ours[name], bundled[name].float()), name
+    assert not torch.equal(ours["model.und_projector.mlp.0.weight"], bundled["model.und_projector.mlp.0.weight"].float())
+
+
+def test_every_packaged_recipe_loads():
+    from cheers.training.config import packaged_recipes
+
+    names = packaged_recipes()
+    assert {"tiny-shapes-scratch", "tiny-shapes-onset", "tiny-shapes-mix"} <= set(names)
+    for name in names:
+        load_recipe(name)
+    onset, mix = load_recipe("tiny-shapes-onset"), load_recipe("tiny-shapes-mix")
+    assert onset.init.from_release == "runs/tiny-shapes-scratch/export"
+    assert mix.init.from_release == "runs/tiny-shapes-onset/export"
+    assert {s.options.get("rung") for s in onset.data.sources} == {None, "L1"}
