@@ -37,11 +37,7 @@ VAE, PIXEL_DECODER = "model.vae_model.", "model.vae_decoder_projector."
 
 def release_dir(recipe: Recipe) -> str | None:
     """``init.from_release`` as a directory; ``default`` names the bundled model (continuing its lineage)."""
-    if recipe.init.from_release == "default":
-        from cheers.assets import default_model_dir
-
-        return str(default_model_dir())
-    return recipe.init.from_release
+    return part_dir(recipe.init.from_release) if recipe.init.from_release else None
 
 
 def model_config(recipe: Recipe) -> CheersConfig:
