@@ -19,8 +19,13 @@ demo: $(STAMP)
 	$(VENV)/bin/cheers generate "two red circles" --out $(OUT)/two-red-circles.png
 	$(VENV)/bin/cheers ask $(OUT)/two-red-circles.png "How many circles are there?"
 
-test: $(STAMP)
+# the full suite, after the lint and format checks (CI runs this)
+test: lint
 	$(PY) -m pytest
+
+# the fast tier (about a minute): everything not marked slow
+test-fast: lint
+	$(PY) -m pytest -m "not slow"
 
 # Re-make the bundled model from scratch (stage-0 VAE, its ShapesGenEval ceiling, the model, its
 # understanding-heavy continuation, its scorecard): the bundled one took 11 minutes on one H100 (with
@@ -38,5 +43,6 @@ tiny-model: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
-.PHONY: install demo test lint tiny-model
+.PHONY: install demo test test-fast lint tiny-model

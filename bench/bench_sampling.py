@@ -26,16 +26,28 @@ from cheers.config import preset
 from cheers.flops import count_flops
 from cheers.generation import generate
 from cheers.models.cheers import Cheers
+from cheers.models.vae_fast import install_fast_vae
 from cheers.reference_loop import release_style_sample
-from cheers.sampling import check_solver, num_evaluations
+from cheers.sampling import ImageSampling, check_solver, num_evaluations
 from cheers.tokens import SpecialTokens
 
 
 def build(name: str, device: str, dtype: torch.dtype) -> Cheers:
     cfg = preset(name)
     v = cfg.text.vocab_size
-    special = SpecialTokens(image=v - 5, image_gen=v - 4, im_start=v - 3, im_end=v - 2, no_mean=v - 1, eos=v - 8,
-                            pad=v - 9, chat_start=v - 7, chat_end=v - 8, newline=v - 10, vocab_size=v)
+    special = SpecialTokens(
+        image=v - 5,
+        image_gen=v - 4,
+        im_start=v - 3,
+        im_end=v - 2,
+        no_mean=v - 1,
+        eos=v - 8,
+        pad=v - 9,
+        chat_start=v - 7,
+        chat_end=v - 8,
+        newline=v - 10,
+        vocab_size=v,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = Cheers(cfg, special=special)
@@ -52,11 +64,18 @@ def prompt(model: Cheers, length: int, device: str) -> torch.Tensor:
 
 
 # the parts of a text-to-image call, as (label, attribute path under model.model)
-PARTS = (("tokenizer VAE decoder", "vae_decoder_projector"), ("ViT", "vision_representation.encoder"),
-         ("ViT patch embedding", "vision_representation.embeddings"), ("LLM", "language_model"),
-         ("flow head stage 1", "gen_projector"), ("flow head stage 2", "hi_projector"), ("HFI gate", "hi_gate"),
-         ("understanding projector", "und_projector"), ("VAE encoder (prompt image)", "vae_model.encoder"),
-         ("VAE decoder (output image)", "vae_model.decoder"))
+PARTS = (
+    ("tokenizer VAE decoder", "vae_decoder_projector"),
+    ("ViT", "vision_representation.encoder"),
+    ("ViT patch embedding", "vision_representation.embeddings"),
+    ("LLM", "language_model"),
+    ("flow head stage 1", "gen_projector"),
+    ("flow head stage 2", "hi_projector"),
+    ("HFI gate", "hi_gate"),
+    ("understanding projector", "und_projector"),
+    ("VAE encoder (prompt image)", "vae_model.encoder"),
+    ("VAE decoder (output image)", "vae_model.decoder"),
+)
 
 
 def breakdown(model: Cheers, fn, sync) -> tuple[float, list[tuple[str, float, int]]]:
@@ -89,10 +108,14 @@ def breakdown(model: Cheers, fn, sync) -> tuple[float, list[tuple[str, float, in
 
 def print_breakdown(label: str, total: float, parts: list[tuple[str, float, int]]) -> None:
     print(f"where the time of one image goes ({label}, {total:.3f} s with the timing hooks):")
-    for name, seconds, calls in parts + [("rest (sampler, cache, glue)", total - sum(p[1] for p in parts), 0)]:
+    for name, seconds, calls in parts + [
+        ("rest (sampler, cache, glue)", total - sum(p[1] for p in parts), 0)
+    ]:
         if seconds > 0 or calls:
-            print(f"  {name:28s} {seconds * 1e3:9.1f} ms  {100 * seconds / total:5.1f} %  "
-                  + (f"{calls:3d} calls" if calls else ""))
+            print(
+                f"  {name:28s} {seconds * 1e3:9.1f} ms  {100 * seconds / total:5.1f} %  "
+                + (f"{calls:3d} calls" if calls else "")
+            )
 
 
 def timed(fn, repeats: int, sync) -> float:
@@ -149,8 +172,8 @@ def peak_memory(fn, device: str) -> float:
 
 
 def timed_pair(first, second, repeats: int, sync) -> tuple[float, float]:
-    """Median seconds per call of two functions timed alternately (first, second, first, ...) after one warm-up
-    call each, so that a drift in the machine's speed (a shared host) affects both alike."""
+    """Median seconds per call of two functions timed alternately (first, second, first, ...) after one
+    warm-up call each, so that a drift in the machine's speed (a shared host) affects both alike."""
     first()
     second()
     times: tuple[list[float], list[float]] = ([], [])
@@ -173,12 +196,26 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--optimize", default="", help="comma-separated opt-in speed settings for our path: "
-                    "channels_last, compile (CheersPipeline.optimize); the release-style loop stays plain")
-    ap.add_argument("--solvers", default="", help="comma-separated solvers to time as well (e.g. multistep,heun)")
-    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
-                    help="also time our sampler guiding only over [T_LO, T_HI] (per solver in --solvers)")
-    ap.add_argument("--breakdown", action="store_true", help="print where the time of one image goes, per path")
+    ap.add_argument(
+        "--optimize",
+        default="",
+        help="comma-separated opt-in speed settings for our path: "
+        "channels_last, compile (CheersPipeline.optimize); the release-style loop stays plain",
+    )
+    ap.add_argument(
+        "--solvers", default="", help="comma-separated solvers to time as well (e.g. multistep,heun)"
+    )
+    ap.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("T_LO", "T_HI"),
+        help="also time our sampler guiding only over [T_LO, T_HI] (per solver in --solvers)",
+    )
+    ap.add_argument(
+        "--breakdown", action="store_true", help="print where the time of one image goes, per path"
+    )
     args = ap.parse_args()
     solvers = [check_solver(x) for x in args.solvers.split(",") if x]
     dtype = getattr(torch, args.dtype)
@@ -199,17 +236,30 @@ def main() -> None:
         if "compile" in opts:
             for name in ("vae_decoder_projector", "gen_projector", "hi_projector"):
                 setattr(core, name, torch.compile(getattr(core, name)))
+    fast_vae = install_fast_vae(
+        fast
+    )  # our VAE path, as CheersPipeline runs it; the release-style loop sets it aside
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     size = model.config.image_size
     grid = (size // model.config.patch_size,) * 2
     ids = prompt(model, 24, args.device)
     dummy = torch.rand(1, 3, size, size, device=args.device, dtype=dtype)
     noise = torch.randn(1, model.config.latent_channels, *grid, device=args.device, dtype=dtype)
-    kw = dict(num_inference_steps=args.steps, cfg_scale=args.guidance, alpha=0.5)
+    kw = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, shift=0.5)
 
     def ours(batch: int = 1, **options):
-        return generate(fast, ids.expand(batch, -1), None, dummy.expand(batch, -1, -1, -1),
-                        latents=noise.expand(batch, -1, -1, -1), max_length=0, **kw, **options)
+        try:
+            return generate(
+                fast,
+                ids.expand(batch, -1),
+                None,
+                dummy.expand(batch, -1, -1, -1),
+                image_sampling=ImageSampling(**kw, **options),
+                latents=noise.expand(batch, -1, -1, -1),
+                stop_after_image=True,
+            )
+        finally:
+            fast_vae.clear()  # the decoders' buffers are freed after each call, as the pipeline does
 
     def release():
         return release_style_sample(model, ids, dummy, noise, **kw)
@@ -220,14 +270,18 @@ def main() -> None:
         for label, fn in (("release-style", release), ("ours", ours)):
             flops[label] = count_flops(fn)[0] / args.steps
         t_rel, t_ours = timed_pair(release, ours, args.repeats, sync)
-        print(f"preset={args.preset} device={args.device} dtype={args.dtype} steps={args.steps} "
-              f"guidance={args.guidance} image={size}px threads={torch.get_num_threads()} "
-              f"optimize={','.join(sorted(opts)) or 'none'}")
+        print(
+            f"preset={args.preset} device={args.device} dtype={args.dtype} steps={args.steps} "
+            f"guidance={args.guidance} image={size}px threads={torch.get_num_threads()} "
+            f"optimize={','.join(sorted(opts)) or 'none'}"
+        )
         print(f"max |ours - release-style| on the image: {diff:.2e}")
         for label, t in (("release-style", t_rel), ("ours", t_ours)):
             f = flops[label]
-            print(f"{label:14s} {t:8.3f} s/image  {t / args.steps * 1e3:8.1f} ms/step  "
-                  f"{f / 1e9:9.2f} GFLOP/step  {f * args.steps / t / 1e12:7.3f} TFLOP/s")
+            print(
+                f"{label:14s} {t:8.3f} s/image  {t / args.steps * 1e3:8.1f} ms/step  "
+                f"{f / 1e9:9.2f} GFLOP/step  {f * args.steps / t / 1e12:7.3f} TFLOP/s"
+            )
         print(f"speed-up (release-style / ours, same run): {t_rel / t_ours:.2f}x")
         if args.breakdown:
             print_breakdown("release-style", *breakdown(model, release, sync))
@@ -235,18 +289,28 @@ def main() -> None:
         intervals = [None] + ([tuple(args.guidance_interval)] if args.guidance_interval else [])
         for solver in solvers or (["euler"] if args.guidance_interval else []):
             for interval in intervals:
-                t = timed(lambda s=solver, i=interval: ours(solver=s, guidance_interval=i), args.repeats, sync)
-                print(f"ours solver={solver:9s} interval={interval!s:12s} {t:8.3f} s/image  "
-                      f"{num_evaluations(solver, args.steps):3d} evaluations  {t_ours / t:5.2f}x euler's speed")
+                t = timed(
+                    lambda s=solver, i=interval: ours(solver=s, guidance_interval=i), args.repeats, sync
+                )
+                print(
+                    f"ours solver={solver:9s} interval={interval!s:12s} {t:8.3f} s/image  "
+                    f"{num_evaluations(solver, args.steps):3d} evaluations  {t_ours / t:5.2f}x euler's speed"
+                )
         for batch in [int(b) for b in args.batches.split(",")]:
             t = timed(lambda b=batch: ours(b), 1, sync)
-            print(f"batch {batch:3d}: {batch / t:7.3f} images/s  ({batch / t * t_rel:4.2f}x the release-style loop's "
-                  f"images/s, which runs one prompt at a time)")
+            print(
+                f"batch {batch:3d}: {batch / t:7.3f} images/s  "
+                f"({batch / t * t_rel:4.2f}x the release-style loop's "
+                f"images/s, which runs one prompt at a time)"
+            )
         if args.device.startswith("cuda") or os.path.exists("/proc/self/statm"):
             kind = "allocated" if args.device.startswith("cuda") else "resident, sampled"
-            print(f"peak memory of one image beyond the model ({kind}): release-style "
-                  f"{peak_memory(release, args.device) / 2**20:.0f} MiB, ours {peak_memory(ours, args.device) / 2**20:.0f} "
-                  f"MiB")
+            print(
+                f"peak memory of one image beyond the model ({kind}): release-style "
+                f"{peak_memory(release, args.device) / 2**20:.0f} MiB, "
+                f"ours {peak_memory(ours, args.device) / 2**20:.0f} "
+                f"MiB"
+            )
 
 
 if __name__ == "__main__":

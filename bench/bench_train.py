@@ -1,11 +1,11 @@
 """Training throughput: samples/s of the real training loop (data pipeline included) on ShapesWorld data.
 
-CPU: the ``tiny`` preset (128 px), one process. CUDA (when present): the ``official`` preset (2.57 B parameters,
-512 px, random weights), bf16 autocast, FSDP2 on one GPU, all groups but the VAE trained; also the peak GPU
-memory. Each configuration runs ``--warmup`` steps, then ``--steps`` measured steps; the reported number is the
-median of the measured steps' samples/s. The FLOPs of one optimizer step (forward and backward, counted on the last
-warm-up step) give the achieved TFLOP/s and the model-FLOPs utilisation against a large matmul measured in the
-same run on the same device and dtype (``--no-flops`` skips the count).
+CPU: the ``tiny`` preset (128 px), one process. CUDA (when present): the ``official`` preset (2.57 B
+parameters, 512 px, random weights), bf16 autocast, FSDP2 on one GPU, all groups but the VAE trained; also the
+peak GPU memory. Each configuration runs ``--warmup`` steps, then ``--steps`` measured steps; the reported
+number is the median of the measured steps' samples/s. The FLOPs of one optimizer step (forward and backward,
+counted on the last warm-up step) give the achieved TFLOP/s and the model-FLOPs utilisation against a large
+matmul measured in the same run on the same device and dtype (``--no-flops`` skips the count).
 
     python bench/bench_train.py                          # CPU tiny (and official on CUDA when available)
     python bench/bench_train.py --cpu-only --micro-batch 8
@@ -29,20 +29,35 @@ from cheers.training.loop import Trainer
 ALL_BUT_VAE = ["pixel_decoder", "vision_encoder", "und_projector", "llm", "flow_head", "hfi_gate"]
 
 
-def recipe(preset: str, micro: int, steps: int, workers: int, device: str, strategy: str, checkpointing: bool):
-    return recipe_from_dict({
-        "stage": "custom",
-        "model": {"preset": preset},
-        "data": {"processor": "shapes", "num_workers": workers, "sources": [
-            {"name": "und", "kind": "shapes", "task": "understanding", "ratio": 3, "size": 10_000},
-            {"name": "gen", "kind": "shapes", "task": "generation", "ratio": 6, "size": 10_000},
-            {"name": "text", "kind": "shapes", "task": "text", "ratio": 1, "size": 10_000}]},
-        "train": {"trainable": ALL_BUT_VAE, "lr": 1e-4, "steps": steps, "micro_batch": micro,
-                  "global_batch": micro, "warmup_ratio": 0.0},
-        "engine": {"device": device, "strategy": strategy, "gradient_checkpointing": checkpointing},
-        "checkpoint": {"every": 0, "at_end": False, "export": False},
-        "log": {"every": 1, "progress": False, "tensorboard": False},
-    })
+def recipe(
+    preset: str, micro: int, steps: int, workers: int, device: str, strategy: str, checkpointing: bool
+):
+    return recipe_from_dict(
+        {
+            "stage": "custom",
+            "model": {"preset": preset},
+            "data": {
+                "processor": "shapes",
+                "num_workers": workers,
+                "sources": [
+                    {"name": "und", "kind": "shapes", "task": "understanding", "ratio": 3, "size": 10_000},
+                    {"name": "gen", "kind": "shapes", "task": "generation", "ratio": 6, "size": 10_000},
+                    {"name": "text", "kind": "shapes", "task": "text", "ratio": 1, "size": 10_000},
+                ],
+            },
+            "train": {
+                "trainable": ALL_BUT_VAE,
+                "lr": 1e-4,
+                "steps": steps,
+                "micro_batch": micro,
+                "global_batch": micro,
+                "warmup_ratio": 0.0,
+            },
+            "engine": {"device": device, "strategy": strategy, "gradient_checkpointing": checkpointing},
+            "checkpoint": {"every": 0, "at_end": False, "export": False},
+            "log": {"every": 1, "progress": False, "tensorboard": False},
+        }
+    )
 
 
 class CountingTrainer(Trainer):
@@ -88,8 +103,10 @@ def measure(label: str, r, warmup: int, count: bool) -> None:
         total = time.perf_counter() - start
     rates = [h["samples_per_s"] for h in history[warmup:]]
     rate = statistics.median(rates)
-    line = (f"{label:<44} micro-batch {r.train.micro_batch:>2}: {rate:8.2f} samples/s "
-            f"({1 / rate * r.train.global_batch:6.3f} s/step; run incl. setup {total:5.1f} s)")
+    line = (
+        f"{label:<44} micro-batch {r.train.micro_batch:>2}: {rate:8.2f} samples/s "
+        f"({1 / rate * r.train.global_batch:6.3f} s/step; run incl. setup {total:5.1f} s)"
+    )
     if torch.cuda.is_available() and r.engine.device != "cpu":
         line += f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     print(line, flush=True)
@@ -98,9 +115,12 @@ def measure(label: str, r, warmup: int, count: bool) -> None:
         dtype, n = (torch.float32, 2048) if device == "cpu" else (torch.bfloat16, 8192)
         peak = matmul_peak(device, dtype, n)
         achieved = trainer.step_flops * rate / r.train.global_batch
-        print(f"{'':<44} {trainer.step_flops / 1e9:.2f} GFLOP per optimizer step (forward + backward), "
-              f"{achieved / 1e12:.3f} TFLOP/s achieved; MFU {100 * achieved / peak:.1f} % of a {n}x{n} "
-              f"{str(dtype).removeprefix('torch.')} matmul measured now ({peak / 1e12:.3f} TFLOP/s)", flush=True)
+        print(
+            f"{'':<44} {trainer.step_flops / 1e9:.2f} GFLOP per optimizer step (forward + backward), "
+            f"{achieved / 1e12:.3f} TFLOP/s achieved; MFU {100 * achieved / peak:.1f} % of a {n}x{n} "
+            f"{str(dtype).removeprefix('torch.')} matmul measured now ({peak / 1e12:.3f} TFLOP/s)",
+            flush=True,
+        )
     elif count:
         print(f"{'':<44} FLOPs not counted: pass --warmup 1 or more (the counted step is a warm-up step)")
 
@@ -121,14 +141,31 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     total = args.warmup + args.steps
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}")
-    measure("tiny preset, CPU, fp32, one process", recipe("tiny", args.micro_batch, total, args.workers, "cpu",
-                                                          "single", False), args.warmup, not args.no_flops)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}"
+    )
+    measure(
+        "tiny preset, CPU, fp32, one process",
+        recipe("tiny", args.micro_batch, total, args.workers, "cpu", "single", False),
+        args.warmup,
+        not args.no_flops,
+    )
     if torch.cuda.is_available() and not args.cpu_only:
-        measure("official preset, CUDA, bf16 autocast, FSDP2 x1",
-                recipe("official", args.official_micro_batch, total, max(args.workers, 8), "cuda", "fsdp",
-                       args.gradient_checkpointing), args.warmup, not args.no_flops)
+        measure(
+            "official preset, CUDA, bf16 autocast, FSDP2 x1",
+            recipe(
+                "official",
+                args.official_micro_batch,
+                total,
+                max(args.workers, 8),
+                "cuda",
+                "fsdp",
+                args.gradient_checkpointing,
+            ),
+            args.warmup,
+            not args.no_flops,
+        )
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 For every (solver, guidance interval, steps) it runs ShapesGenEval (``n`` prompts per GenEval tag, judged by
 the ShapesWorld scene parser) and records the overall score, the high-frequency fidelity against the reference
 renders, the seconds per image spent in ``pipe.generate`` (judging excluded) and the velocity evaluations per
-image. Writes ``<out>/solver_curve.json`` (updated after each run; finished runs are reused unless ``--force``)
-and ``<out>/solver_curve.png``: score, fidelity and seconds per image against steps, one line per solver and
-interval.
+image. Writes ``<out>/solver_curve.json`` (updated after each run; finished runs are reused unless
+``--force``) and ``<out>/solver_curve.png``: score, fidelity and seconds per image against steps, one line
+per solver and interval.
 
     python bench/solver_curve.py --n 2 --steps 4,8 --solvers euler,multistep     # a quick smoke run
     python bench/solver_curve.py --n 10 --steps 4,6,8,12,20 --intervals none,0.3:1,0:0.7
@@ -48,8 +48,15 @@ def run_one(pipe: CheersPipeline, out: Path, solver: str, interval, steps: int, 
     folder = out / "runs" / key(solver, interval, steps)
     shutil.rmtree(folder, ignore_errors=True)  # fresh: resumed images would spoil the timing
     pipe.defaults = dataclasses.replace(pipe.defaults, solver=solver, guidance_interval=interval)
-    config = ShapesBenchConfig(tasks=("geneval",), steps=steps, n=args.n, num_images=args.num_images,
-                               guidance=args.guidance, seed=args.seed, prompt_gain_n=0)
+    config = ShapesBenchConfig(
+        tasks=("geneval",),
+        steps=steps,
+        n=args.n,
+        num_images=args.num_images,
+        guidance=args.guidance,
+        seed=args.seed,
+        prompt_gain_n=0,
+    )
     generate, spent = pipe.generate, [0.0]
 
     def timed_generate(*a, **kw):  # time the sampling only, not the judge or the contact sheets
@@ -66,11 +73,19 @@ def run_one(pipe: CheersPipeline, out: Path, solver: str, interval, steps: int, 
         del pipe.generate  # back to the class's method
     seconds = spent[0]
     geneval = report["geneval"]
-    return {"solver": solver, "guidance_interval": interval, "steps": steps,
-            "evaluations": num_evaluations(solver, steps), "score": geneval["summary"]["overall"],
-            "per_tag": geneval["summary"], "hf_fidelity": geneval["hf_fidelity"], "images": geneval["n_images"],
-            "seconds": round(seconds, 2), "seconds_per_image": round(seconds / geneval["n_images"], 4),
-            "folder": str(folder.relative_to(out))}
+    return {
+        "solver": solver,
+        "guidance_interval": interval,
+        "steps": steps,
+        "evaluations": num_evaluations(solver, steps),
+        "score": geneval["summary"]["overall"],
+        "per_tag": geneval["summary"],
+        "hf_fidelity": geneval["hf_fidelity"],
+        "images": geneval["n_images"],
+        "seconds": round(seconds, 2),
+        "seconds_per_image": round(seconds / geneval["n_images"], 4),
+        "folder": str(folder.relative_to(out)),
+    }
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -80,12 +95,17 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("score", "ShapesGenEval overall"), ("hf_fidelity", "high-frequency fidelity"),
-              ("seconds_per_image", "seconds per image (sampling)")]
+    panels = [
+        ("score", "ShapesGenEval overall"),
+        ("hf_fidelity", "high-frequency fidelity"),
+        ("seconds_per_image", "seconds per image (sampling)"),
+    ]
     lines = sorted({(r["solver"], tuple(r["guidance_interval"] or ())) for r in results})
     for solver, interval in lines:
-        rows = sorted((r for r in results if r["solver"] == solver and tuple(r["guidance_interval"] or ()) == interval),
-                      key=lambda r: r["steps"])
+        rows = sorted(
+            (r for r in results if r["solver"] == solver and tuple(r["guidance_interval"] or ()) == interval),
+            key=lambda r: r["steps"],
+        )
         name = label(solver, interval or None)
         steps = [r["steps"] for r in rows]
         for ax, (field, _) in zip(axes, panels):
@@ -113,7 +133,9 @@ def main() -> None:
     ap.add_argument("--num-images", type=int, default=1, help="images per prompt")
     ap.add_argument("--steps", default="4,8,16")
     ap.add_argument("--solvers", default=",".join(SOLVERS))
-    ap.add_argument("--intervals", default="none,0.2:1", help="guidance intervals: none or LO:HI, comma-separated")
+    ap.add_argument(
+        "--intervals", default="none,0.2:1", help="guidance intervals: none or LO:HI, comma-separated"
+    )
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", "-o", default="solver-curve")
@@ -129,9 +151,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = out / "solver_curve.json"
     pipe = CheersPipeline.from_pretrained(args.model, device=args.device, progress=False)
-    setup = {"model": args.model, "n": args.n, "num_images": args.num_images, "seed": args.seed,
-             "guidance": args.guidance if args.guidance is not None else pipe.defaults.guidance_scale,
-             "shift": pipe.defaults.shift, "device": str(pipe.device)}
+    setup = {
+        "model": args.model,
+        "n": args.n,
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "guidance": args.guidance if args.guidance is not None else pipe.defaults.guidance_scale,
+        "shift": pipe.defaults.shift,
+        "device": str(pipe.device),
+    }
     old = json.loads(record.read_text()) if record.exists() and not args.force else {}
     results = {r["key"]: r for r in old.get("results", [])} if old.get("setup") == setup else {}
     for solver in solvers:
@@ -140,13 +168,20 @@ def main() -> None:
                 k = key(solver, interval, s)
                 if k not in results:
                     results[k] = {"key": k, **run_one(pipe, out, solver, interval, s, args)}
-                    record.write_text(json.dumps({"setup": setup, "results": list(results.values())}, indent=1) + "\n")
+                    record.write_text(
+                        json.dumps({"setup": setup, "results": list(results.values())}, indent=1) + "\n"
+                    )
                 r = results[k]
-                print(f"{label(solver, interval):28s} steps={s:3d} evals={r['evaluations']:3d} "
-                      f"score={r['score']:.3f} hf={r['hf_fidelity']:.3f} {r['seconds_per_image']:.3f} s/image")
-    plot(list(results.values()), out / "solver_curve.png",
-         f"ShapesGenEval vs steps ({args.model}, n={args.n} x {args.num_images} images per tag, "
-         f"guidance {setup['guidance']:g})")
+                print(
+                    f"{label(solver, interval):28s} steps={s:3d} evals={r['evaluations']:3d} "
+                    f"score={r['score']:.3f} hf={r['hf_fidelity']:.3f} {r['seconds_per_image']:.3f} s/image"
+                )
+    plot(
+        list(results.values()),
+        out / "solver_curve.png",
+        f"ShapesGenEval vs steps ({args.model}, n={args.n} x {args.num_images} images per tag, "
+        f"guidance {setup['guidance']:g})",
+    )
     print(f"wrote {record} and {out / 'solver_curve.png'}")
 
 

@@ -14,7 +14,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     if MAX_ERRORS and config.getoption("verbose") >= 0:
         worst = max(MAX_ERRORS.values())
-        terminalreporter.write_sep("-", f"parity: {len(MAX_ERRORS)} reference tensors, worst max |err| {worst:.2e}")
+        terminalreporter.write_sep(
+            "-", f"parity: {len(MAX_ERRORS)} reference tensors, worst max |err| {worst:.2e}"
+        )
         if config.getoption("verbose") > 0:
             for key, err in sorted(MAX_ERRORS.items()):
                 terminalreporter.write_line(f"{key:60s} {err:.2e}")

@@ -31,7 +31,13 @@ from torch import nn
 from cheers.training import checkpointing
 from cheers.training.distributed import DistInfo
 
-CHANGES = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree"}  # audit events (rename: replace too)
+CHANGES = {
+    "os.mkdir",
+    "os.rename",
+    "os.remove",
+    "os.rmdir",
+    "shutil.rmtree",
+}  # audit events (rename: replace too)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 KEEP = 2
 WIDTH = 256  # four 256x256 layers: ~1 MB of weights and 1 MB of momentum per checkpoint
@@ -64,8 +70,9 @@ def make_state(step: int | None = None):
 
 def save(run_dir: str, step: int, state=None) -> None:
     model, optimizer, scheduler = state or make_state(step)
-    checkpointing.save_checkpoint(run_dir, step, model, optimizer, scheduler, {"marker": step}, DistInfo(),
-                                  keep=KEEP)
+    checkpointing.save_checkpoint(
+        run_dir, step, model, optimizer, scheduler, {"marker": step}, DistInfo(), keep=KEEP
+    )
 
 
 def _child(command: list[str]) -> None:
@@ -114,7 +121,9 @@ def main() -> None:
                 os._exit(code)
         print(f"pid {pid}", flush=True)
         _, status = os.waitpid(pid, 0)
-        print(f"exit {-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)}", flush=True)
+        print(
+            f"exit {-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)}", flush=True
+        )
 
 
 if __name__ == "__main__":

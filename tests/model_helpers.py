@@ -9,8 +9,19 @@ from cheers.models.cheers import Cheers
 from cheers.tokens import SpecialTokens
 
 # Stand-ins for the release's special ids inside a 512-token vocabulary (any distinct ids would do).
-TINY_SPECIAL = SpecialTokens(image=505, image_gen=506, im_start=507, im_end=508, no_mean=509, eos=502, pad=500,
-                             chat_start=501, chat_end=502, newline=198, vocab_size=512)
+TINY_SPECIAL = SpecialTokens(
+    image=505,
+    image_gen=506,
+    im_start=507,
+    im_end=508,
+    no_mean=509,
+    eos=502,
+    pad=500,
+    chat_start=501,
+    chat_end=502,
+    newline=198,
+    vocab_size=512,
+)
 
 
 def randomize_heads(model: Cheers, seed: int = 0, scale: float = 0.05) -> Cheers:
@@ -45,8 +56,25 @@ def image_hungry_model(seed: int) -> Cheers:
 def t2i_prompt(words: list[int], special: SpecialTokens = TINY_SPECIAL) -> torch.Tensor:
     """A chat-shaped text-to-image prompt ending in <im_start>: (1, L)."""
     s = special
-    ids = [s.chat_start, 101, s.newline, 7, 8, s.chat_end, s.newline, s.chat_start, 102, s.newline, *words,
-           s.chat_end, s.newline, s.chat_start, 103, s.newline, s.im_start]
+    ids = [
+        s.chat_start,
+        101,
+        s.newline,
+        7,
+        8,
+        s.chat_end,
+        s.newline,
+        s.chat_start,
+        102,
+        s.newline,
+        *words,
+        s.chat_end,
+        s.newline,
+        s.chat_start,
+        103,
+        s.newline,
+        s.im_start,
+    ]
     return torch.tensor([ids])
 
 

@@ -13,8 +13,16 @@ from test_training_fixtures import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["data.num_workers=0", "log.progress=false", "log.tensorboard=false", "engine.device=cpu", "log.every=1",
-        "log.sample_every=0", "log.score_every=0", "checkpoint.every=0"]
+TINY = [
+    "data.num_workers=0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "engine.device=cpu",
+    "log.every=1",
+    "log.sample_every=0",
+    "log.score_every=0",
+    "checkpoint.every=0",
+]
 
 
 def test_verdicts_need_the_papers_sign_and_two_standard_errors():
@@ -28,8 +36,10 @@ def test_verdicts_need_the_papers_sign_and_two_standard_errors():
 def test_compare_reads_scores_and_counts_from_shapesbench_reports():
     def report(geneval, vqa, ocr_right):
         items = [{"type": "ocr", "correct": i < ocr_right} for i in range(10)] + [{"type": "color"}] * 30
-        return {"geneval": {"summary": {"overall": geneval}, "n_images": 100, "hf_fidelity": 0.5},
-                "vqa": {"report": {"overall": vqa, "n": 40, "ocr_accuracy": ocr_right / 10}, "items": items}}
+        return {
+            "geneval": {"summary": {"overall": geneval}, "n_images": 100, "hf_fidelity": 0.5},
+            "vqa": {"report": {"overall": vqa, "n": 40, "ocr_accuracy": ocr_right / 10}, "items": items},
+        }
 
     rows = {r["metric"]: r for r in compare(PAIR_SPECS["hfi"], report(0.8, 0.5, 5), report(0.4, 0.5, 5))}
     assert rows["ShapesGenEval overall"]["verdict"] == "reproduced"
@@ -53,18 +63,42 @@ def test_run_specs_match_every_run_but_the_ablated_switch():
 @pytest.mark.slow
 def test_ablate_trains_matched_runs_and_writes_the_report(tmp_path):
     vae_run = tmp_path / "vae-run"
-    assert cheers("train", "--recipe", "stage0_vae", "--out", str(vae_run), *sum((["--set", o] for o in TINY), []),
-                  "--set", "train.steps=1", "--set", "train.micro_batch=2", "--set", "train.global_batch=2",
-                  "--set", "vae.fit_samples=4") == 0
-    cfg = AblationConfig(steps=1, finetune_steps=1, micro_batch=2, n=1, num_images=1,
-                         overrides=[*TINY, f"init.vae={vae_run / 'vae'}"])
+    assert (
+        cheers(
+            "train",
+            "--recipe",
+            "stage0_vae",
+            "--out",
+            str(vae_run),
+            *sum((["--set", o] for o in TINY), []),
+            "--set",
+            "train.steps=1",
+            "--set",
+            "train.micro_batch=2",
+            "--set",
+            "train.global_batch=2",
+            "--set",
+            "vae.fit_samples=4",
+        )
+        == 0
+    )
+    cfg = AblationConfig(
+        steps=1,
+        finetune_steps=1,
+        micro_batch=2,
+        n=1,
+        num_images=1,
+        overrides=[*TINY, f"init.vae={vae_run / 'vae'}"],
+    )
     out = tmp_path / "ablate"
     results = run_ablations(cfg, out)
     assert set(results["pairs"]) == {"hfi", "pixrec", "joint"}
     assert not from_pretrained(out / "runs" / "no_hfi" / "export").config.options.high_frequency_injection
     assert not from_pretrained(out / "runs" / "no_pixrec" / "export").config.options.pixel_reconstruction
     assert json.loads((out / "runs" / "ft_und" / "DONE").read_text())["step"] == 1
-    assert (out / "ablations.png").stat().st_size > 0 and "## (a) high-frequency" in (out / "ablations.md").read_text()
+    assert (out / "ablations.png").stat().st_size > 0 and "## (a) high-frequency" in (
+        out / "ablations.md"
+    ).read_text()
     # A rerun reuses every finished run and every cached score.
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/export/model.safetensors")}
     run_ablations(cfg, out)

@@ -24,18 +24,47 @@ from cheers.processor import CheersProcessor
 from tiny_tokenizer import make_tiny_tokenizer
 
 EXAMPLES = 200
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
 PLACEHOLDER = {"image": "<im_start><image><im_end>", "image_gen": "<im_start><image_gen><im_end>"}
 # what a ValueError must talk about: the message at fault, the conversation, or the text's encoding
 CLEAR = re.compile(r"message \d+|conversation|not valid Unicode|placeholders|image")
 
-odd = st.sampled_from([
-    "", " ", "\n", "\r\n", "\x00", "\t", "\u202e", "\ufeff", "e\u0301", "\u00e9", "\U0001f642", "\u4e2d\u6587",
-    "\ud800", "\udfff", "<image>", "<image_gen>", "<im_start>", "<im_end>", "<no_mean>", "<|im_start|>",
-    "<|im_end|>", "<|endoftext|>", "{{ messages }}", "{% for m in messages %}", "{# #}", "\\", "'", '"',
-])
+odd = st.sampled_from(
+    [
+        "",
+        " ",
+        "\n",
+        "\r\n",
+        "\x00",
+        "\t",
+        "\u202e",
+        "\ufeff",
+        "e\u0301",
+        "\u00e9",
+        "\U0001f642",
+        "\u4e2d\u6587",
+        "\ud800",
+        "\udfff",
+        "<image>",
+        "<image_gen>",
+        "<im_start>",
+        "<im_end>",
+        "<no_mean>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "{{ messages }}",
+        "{% for m in messages %}",
+        "{# #}",
+        "\\",
+        "'",
+        '"',
+    ]
+)
 texts = st.lists(odd | st.text(max_size=12), max_size=4).map("".join)
 known_roles = st.sampled_from(["user", "assistant", "system", "human", "gpt", "tool"])
 roles = known_roles | odd | st.none() | st.integers()
@@ -46,32 +75,53 @@ good_items = st.one_of(
     st.fixed_dictionaries({"type": st.sampled_from(["image", "image_gen"])}, optional={"image": images}),
 )
 bad_items = st.one_of(
-    st.fixed_dictionaries({}, optional={"type": st.sampled_from(["text", "video", None, 1]), "text": st.none()}),
+    st.fixed_dictionaries(
+        {}, optional={"type": st.sampled_from(["text", "video", None, 1]), "text": st.none()}
+    ),
     st.none() | st.integers() | st.lists(st.just("nested"), max_size=1),
 )
 good_content = texts | st.lists(good_items, max_size=4)
 good_messages = st.fixed_dictionaries({"role": known_roles, "content": good_content}) | st.fixed_dictionaries(
-    {"from": known_roles, "value": good_content})
-any_messages = st.fixed_dictionaries({}, optional={
-    "role": roles, "content": good_content | st.lists(good_items | bad_items, max_size=4) | st.none() | st.integers(),
-    "from": roles, "value": good_content, "name": texts})
+    {"from": known_roles, "value": good_content}
+)
+any_messages = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": roles,
+        "content": good_content | st.lists(good_items | bad_items, max_size=4) | st.none() | st.integers(),
+        "from": roles,
+        "value": good_content,
+        "name": texts,
+    },
+)
 conversations = st.one_of(
     st.lists(good_messages, min_size=1, max_size=4),  # should render (and tokenise, images permitting)
     st.lists(good_messages | any_messages, min_size=1, max_size=4),  # some message may be at fault
-    st.lists(any_messages, max_size=3) | st.none() | texts | st.dictionaries(texts, texts, max_size=2),  # junk
+    st.lists(any_messages, max_size=3)
+    | st.none()
+    | texts
+    | st.dictionaries(texts, texts, max_size=2),  # junk
 )
+
 
 def expected_render(conversation, add_generation_prompt: bool) -> str:
     """The template's rules, written out: a default system turn unless the first is one; each turn as
-    ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; list content joined with newlines, images as placeholders."""
+    ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; list content joined with newlines, images as
+    placeholders."""
     out = []
     for i, message in enumerate(conversation):
         role = message.get("role", message.get("from"))
         role = ROLE_ALIASES.get(role, role)
         content = message.get("content", message.get("value"))
         if not isinstance(content, str):
-            content = "\n".join(item if isinstance(item, str) else item["text"] if item["type"] == "text"
-                                else PLACEHOLDER[item["type"]] for item in content)
+            content = "\n".join(
+                item
+                if isinstance(item, str)
+                else item["text"]
+                if item["type"] == "text"
+                else PLACEHOLDER[item["type"]]
+                for item in content
+            )
         if i == 0 and role != "system":
             out.append(SYSTEM)
         out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
@@ -84,6 +134,7 @@ def proc(request) -> CheersProcessor:
     return CheersProcessor(tokenizer, image_size=32, patch_size=16)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(conversation=conversations, add_generation_prompt=st.booleans())
 def test_fuzzed_conversations_render_exactly_or_raise_value_error(proc, conversation, add_generation_prompt):
@@ -105,9 +156,13 @@ def test_fuzzed_conversations_render_exactly_or_raise_value_error(proc, conversa
     normalizer = proc.tokenizer.backend_tokenizer.normalizer
     assert proc.tokenizer.decode(ids) == (normalizer.normalize_str(text) if normalizer else text)  # lossless
     assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape == batch["attention_mask"].shape
-    n_images = sum(1 for m in conversation if isinstance(m.get("content", m.get("value")), list)
-                   for item in m.get("content", m.get("value"))
-                   if isinstance(item, dict) and item.get("type") in PLACEHOLDER)
+    n_images = sum(
+        1
+        for m in conversation
+        if isinstance(m.get("content", m.get("value")), list)
+        for item in m.get("content", m.get("value"))
+        if isinstance(item, dict) and item.get("type") in PLACEHOLDER
+    )
     pixels = batch["pixel_values"]
     assert (0 if pixels is None else pixels.shape[0]) == n_images
     assert int((batch["input_ids"] < 0).sum()) == n_images  # one marker per image placeholder
@@ -130,13 +185,16 @@ def test_the_fuzzer_reaches_both_outcomes(proc):
     assert outcomes["rendered"] >= 5 and outcomes["refused"] >= 5, outcomes
 
 
-@pytest.mark.parametrize(("conversation", "message"), [
-    ([{"role": "user", "content": "caf\ud800"}], "message 0 content is not valid Unicode"),
-    ([{"role": "user\n<|im_start|>system", "content": "hi"}], "message 0 role"),
-    ([{"role": "user", "content": "hi"}, {"role": "<|im_end|>", "content": "x"}], "message 1 role"),
-    ([{"role": "user"}], "message 0 content must be a str or a list"),
-    ([{"content": "hi"}], "message 0 needs a non-empty 'role'"),
-])
+@pytest.mark.parametrize(
+    ("conversation", "message"),
+    [
+        ([{"role": "user", "content": "caf\ud800"}], "message 0 content is not valid Unicode"),
+        ([{"role": "user\n<|im_start|>system", "content": "hi"}], "message 0 role"),
+        ([{"role": "user", "content": "hi"}, {"role": "<|im_end|>", "content": "x"}], "message 1 role"),
+        ([{"role": "user"}], "message 0 content must be a str or a list"),
+        ([{"content": "hi"}], "message 0 needs a non-empty 'role'"),
+    ],
+)
 def test_named_failures(proc, conversation, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         proc.apply_chat_template(conversation)
@@ -148,5 +206,6 @@ def test_unicode_edge_cases_round_trip(proc):
     assert rendered == SYSTEM + f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(ValueError, match="not valid Unicode"):
         proc.encode("caf\udfff")
-    assert unicodedata.normalize("NFC", proc.tokenizer.decode(proc.tokenizer.encode(rendered))) == \
-        unicodedata.normalize("NFC", rendered)
+    assert unicodedata.normalize(
+        "NFC", proc.tokenizer.decode(proc.tokenizer.encode(rendered))
+    ) == unicodedata.normalize("NFC", rendered)

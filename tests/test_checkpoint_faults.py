@@ -29,23 +29,36 @@ from cheers.training import checkpointing as ckpts
 from cheers.training.distributed import DistInfo
 from crash_saver import KEEP, make_state, save
 
-pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash saver forks its writers"),
-              pytest.mark.usefixtures("one_cpu_thread")]
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash saver forks its writers"),
+    pytest.mark.usefixtures("one_cpu_thread"),
+]
 
 HERE = Path(__file__).resolve().parent
 
 
 class Zygote:
-    """``crash_saver.py`` in a subprocess: send a command, read its replies (with a timeout, never hanging)."""
+    """``crash_saver.py`` in a subprocess: send a command, read its replies (with a timeout, never
+    hanging)."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "crash_saver.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "crash_saver.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         self.pending: list[str] = []  # replies of a child that came before the zygote's "pid" line
-        threading.Thread(target=lambda: [self.lines.put(line.strip()) for line in self.proc.stdout],
-                         daemon=True).start()
+        threading.Thread(
+            target=lambda: [self.lines.put(line.strip()) for line in self.proc.stdout], daemon=True
+        ).start()
         assert self.read(timeout=120) == "ready"
 
     def read(self, timeout: float = 60) -> str:
@@ -61,7 +74,8 @@ class Zygote:
         return int(self.expect("pid")[0])
 
     def expect(self, word: str) -> list[str]:
-        """Read up to the line starting with ``word`` (keeping the others for :meth:`finish`); its arguments."""
+        """Read up to the line starting with ``word`` (keeping the others for :meth:`finish`); its
+        arguments."""
         while True:
             line = self.read()
             head, *rest = line.split()
@@ -106,7 +120,9 @@ def verify(run_dir: Path) -> int:
     finally:
         ckpts.restore_rng(generators)  # loading restores the saved generator states; keep ours
     assert all(torch.all(p == step) for p in model.parameters())
-    assert len(optimizer.state) == 8 and all(torch.all(s["momentum_buffer"] == step) for s in optimizer.state.values())
+    assert len(optimizer.state) == 8 and all(
+        torch.all(s["momentum_buffer"] == step) for s in optimizer.state.values()
+    )
     assert scheduler.last_epoch == step
     return step
 
@@ -136,6 +152,7 @@ def fresh_copy(base: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_keeps_the_last_checkpoint(zygote, tmp_path):
     run = tmp_path / "run"
     save(run, 1)
@@ -160,6 +177,7 @@ def test_sigkill_at_random_moments_keeps_the_last_checkpoint(zygote, tmp_path):
     assert_tidy(run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["next", "same"])
 def test_sigkill_before_every_file_system_call_of_a_save(zygote, tmp_path, mode):
     """``next``: saving step 3 over steps 1, 2 (pruning 1). ``same``: re-saving step 2, which ``latest``
@@ -184,19 +202,23 @@ def test_sigkill_before_every_file_system_call_of_a_save(zygote, tmp_path, mode)
     assert outcomes == ({2, 3} if mode == "next" else {2})
 
 
-# -- a full disk ------------------------------------------------------------------------------------------------
+# -- a full disk ---------------------------------------------------------------------------------------------
 class FullDisk:
     """A disk with ``free`` bytes left: writes past it store what fits, then fail as on a real full disk."""
 
     def __init__(self, free: float = float("inf")) -> None:
         self.free = free
-        self.sizes: dict[str, int] = {}  # bytes asked for, per file, in order ("model.safetensors", "latest", ...)
+        self.sizes: dict[
+            str, int
+        ] = {}  # bytes asked for, per file, in order ("model.safetensors", "latest", ...)
 
     def put(self, path, data: bytes, handle=None) -> None:
         fits = int(min(len(data), self.free))
         self.free -= fits
         name = Path(str(path)).name
-        if name.startswith(".") and name.endswith(".tmp"):  # a temp file of the atomic writers: .{name}.{random}.tmp
+        if name.startswith(".") and name.endswith(
+            ".tmp"
+        ):  # a temp file of the atomic writers: .{name}.{random}.tmp
             name = name[1:].rsplit(".", 2)[0]
         self.sizes[name] = self.sizes.get(name, 0) + len(data)
         if handle is not None:
@@ -235,7 +257,9 @@ class FullDisk:
                 failure = err
             else:
                 return
-            raise SafetensorError(f"Error while serializing: I/O error: {failure.strerror} (os error {failure.errno})")
+            raise SafetensorError(
+                f"Error while serializing: I/O error: {failure.strerror} (os error {failure.errno})"
+            )
 
         monkeypatch.setattr(safetensors.torch, "save_file", save_file)
         monkeypatch.setattr(ckpts, "open", File, raising=False)
@@ -249,7 +273,13 @@ def _disk_budgets(tmp_path, monkeypatch, base) -> list[tuple[str, int]]:
         disk.install(m)
         save(fresh_copy(base, tmp_path / "dry"), 3)
     assert verify(tmp_path / "dry") == 3  # the simulated disk writes real, loadable files when not full
-    assert list(disk.sizes) == ["model.safetensors", "optimizer.pt", "rank-00000.pt", "trainer_state.json", "latest"]
+    assert list(disk.sizes) == [
+        "model.safetensors",
+        "optimizer.pt",
+        "rank-00000.pt",
+        "trainer_state.json",
+        "latest",
+    ]
     budgets, before = [], 0
     for name, size in disk.sizes.items():
         budgets += [(name, before), (name, before + size // 2)]

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from cheers import atomic
 from cheers import checkpoint as ckpt
 from cheers.checkpoint import (
     CheckpointError,
@@ -314,10 +315,18 @@ def test_atomic_write_json(tmp_path, monkeypatch):
     def boom(*args):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(ckpt.os, "replace", boom)
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError):
         atomic_write_json(path, {"b": 2})
     assert json.loads(path.read_text()) == {"b": 1} and _dir_names(path.parent) == {"a.json"}
+
+
+def test_the_package_exports_every_name_callers_use():
+    for name in ckpt.__all__:
+        assert getattr(ckpt, name) is not None, name
+    assert ckpt.atomic_write_json is atomic.write_json and ckpt.os_error_behind is atomic.os_error_behind
+    assert ckpt.resolve_checkpoint_dir.__module__ == "cheers.checkpoint.hub"
+    assert callable(ckpt._cap)  # training.parts formats its messages with it
 
 
 @pytest.mark.skipif(not (REFERENCE / "model.safetensors").exists(), reason="reference checkpoint not present")

@@ -23,8 +23,21 @@ COMMANDS = _commands(cli.build_parser())
 
 def test_the_command_tree_is_complete():
     top = {c[0] for c in COMMANDS if len(c) == 1}
-    assert {"generate", "edit", "ask", "chat", "info", "bench", "shapes", "train", "web", "eval", "plot",
-            "ablate"} <= top
+    assert {
+        "generate",
+        "edit",
+        "ask",
+        "chat",
+        "info",
+        "bench",
+        "shapes",
+        "train",
+        "web",
+        "eval",
+        "plot",
+        "ablate",
+        "serve",
+    } <= top
     assert ("eval", "shapes") in COMMANDS and ("eval", "ladder") in COMMANDS
 
 
@@ -54,8 +67,11 @@ def test_every_output_path_option_has_the_short_form():
 
 
 def test_a_missing_optional_dependency_is_an_error_that_names_the_fix(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "OPTIONAL_COMMANDS",
-                        (*cli.OPTIONAL_COMMANDS, ("fancy", "cheers_test_absent_package.cli", "add", "demo")))
+    monkeypatch.setattr(
+        cli,
+        "OPTIONAL_COMMANDS",
+        (*cli.OPTIONAL_COMMANDS, ("fancy", "cheers_test_absent_package.cli", "add", "demo")),
+    )
     assert cli.main(["fancy", "--anything"]) == 2
     err = capsys.readouterr().err
     assert "cheers_test_absent_package" in err and "pip install 'cheers[demo]'" in err

@@ -75,6 +75,7 @@ def test_eval_geneval_as_rank_1_of_2_and_a_mismatched_resume(model_dir, tmp_path
     assert "settings.num_images: 1 in the run, 2 now" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_dpg_and_shapes(model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
@@ -119,8 +120,24 @@ def test_eval_dpg_and_shapes(model_dir, tmp_path, capsys):
     )
     assert "ShapesVQA overall" in capsys.readouterr().out
     gain_file = tmp_path / "gain.json"
-    assert main(["eval", "prompt-gain", "--model", model_dir, "--n", "2", "--times", "0.5",
-                 "--out", str(gain_file), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "prompt-gain",
+                "--model",
+                model_dir,
+                "--n",
+                "2",
+                "--times",
+                "0.5",
+                "--out",
+                str(gain_file),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "relative prompt gain" in capsys.readouterr().out
     assert json.loads(gain_file.read_text())["times"] == [0.5]
     with pytest.raises(SystemExit, match="--times"):
@@ -128,6 +145,7 @@ def test_eval_dpg_and_shapes(model_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "sb" / "shapes_bench.json").read_text())["vqa"]["n_scenes"] == 1
 
 
+@pytest.mark.slow
 def test_plot_commands(model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

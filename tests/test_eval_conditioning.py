@@ -24,6 +24,7 @@ def parts():
     return model, processor, shapes_generation_records(4)
 
 
+@pytest.mark.slow
 def test_a_model_that_reads_the_prompt_has_a_gain(parts):
     model, processor, records = parts
     result = prompt_gain(model, processor, records, TIMES, batch_size=3)  # two batches
@@ -35,6 +36,7 @@ def test_a_model_that_reads_the_prompt_has_a_gain(parts):
     json.dumps(result.as_dict())
 
 
+@pytest.mark.slow
 def test_a_model_blind_to_its_prompt_has_none(parts, monkeypatch):
     import cheers.models.cheers as cheers_module
     from cheers.models.sequence import hybrid_mask

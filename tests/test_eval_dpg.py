@@ -22,6 +22,7 @@ def pipe():
     return tiny_pipeline(seed=5)
 
 
+@pytest.mark.slow
 def test_grids_are_sharded_tiled_2x2_and_resumed(pipe, tmp_path):
     prompts = tmp_path / "prompts"
     prompts.mkdir()

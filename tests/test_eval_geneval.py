@@ -1,4 +1,5 @@
-"""GenEval runner: layout, kill + resume without duplicate work, sharding over ranks, seeds, manifest checks."""
+"""GenEval runner: layout, kill + resume without duplicate work, sharding over ranks, seeds, manifest
+checks."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def pixels(path):
 
 @pytest.fixture(scope="module")
 def resumed_run(pipe, tmp_path_factory):
-    """A run killed after its 3rd image, then restarted: (folder, images per attempt, mtimes after the kill)."""
+    """A run killed after its 3rd image, then restarted: (folder, images per attempt, mtimes after the
+    kill)."""
     out = tmp_path_factory.mktemp("geneval")
     counting = Counting(pipe)
     saved = []
@@ -140,6 +142,7 @@ KILLED_WHILE_WRITING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_process_killed_while_writing_leaves_no_half_image(pipe, resumed_run, tmp_path):
     single, *_ = resumed_run
     tests = Path(__file__).parent

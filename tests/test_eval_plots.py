@@ -70,10 +70,16 @@ def card(geneval, vqa, edit=None):
 
 
 def test_scorecard_curve_reads_the_headline_figures(tmp_path):
-    assert scorecard_figures(card(0.1, 0.5, 0.2)) == {"ShapesGenEval": 0.1, "ShapesVQA": 0.5, "OCR": 0.0,
-                                                      "ShapesEdit": 0.2}
+    assert scorecard_figures(card(0.1, 0.5, 0.2)) == {
+        "ShapesGenEval": 0.1,
+        "ShapesVQA": 0.5,
+        "OCR": 0.0,
+        "ShapesEdit": 0.2,
+    }
     assert scorecard_figures({"vqa": {"overall": 0.4}}) == {"ShapesVQA": 0.4}  # tasks not run are left out
-    out = plot_scorecards([(381_280, card(0.13, 0.48)), (315_136, card(0.075, 0.46, 0.0))], tmp_path / "c.png")
+    out = plot_scorecards(
+        [(381_280, card(0.13, 0.48)), (315_136, card(0.075, 0.46, 0.0))], tmp_path / "c.png"
+    )
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > 400
     with pytest.raises(ValueError, match="no ShapesBench figure|none of the scorecards"):
@@ -89,7 +95,10 @@ def test_plot_scorecards_cli(tmp_path, capsys):
     a.write_text(json.dumps(card(0.07, 0.46)))
     b.write_text(json.dumps(card(0.13, 0.48)))
     out = tmp_path / "curve.png"
-    assert main(["plot", "scorecards", "--point", f"315_136={a}", "--point", f"381280={b}", "--out", str(out)]) == 0
+    assert (
+        main(["plot", "scorecards", "--point", f"315_136={a}", "--point", f"381280={b}", "--out", str(out)])
+        == 0
+    )
     assert out.is_file() and str(out) in capsys.readouterr().out
     with pytest.raises(SystemExit, match="SAMPLES=SCORECARD"):
         main(["plot", "scorecards", "--point", str(a), "--out", str(out)])
@@ -129,6 +138,7 @@ def test_hfi_plot_from_pipeline_maps(tmp_path):
         hfi_intensity([torch.zeros(3, 4, 4), torch.zeros(2, 4, 4)])
 
 
+@pytest.mark.slow
 def test_settings_grid_draws_one_picture_per_setting(tmp_path):
     from PIL import Image
 
@@ -136,6 +146,12 @@ def test_settings_grid_draws_one_picture_per_setting(tmp_path):
 
     from model_helpers import tiny_pipeline
 
-    out = settings_grid(tiny_pipeline(), "two red circles", tmp_path / "grid.png", steps=(1, 2), guidance=(1.0, 2.0),
-                        shift=(1.0,))
+    out = settings_grid(
+        tiny_pipeline(),
+        "two red circles",
+        tmp_path / "grid.png",
+        steps=(1, 2),
+        guidance=(1.0, 2.0),
+        shift=(1.0,),
+    )
     assert Image.open(out).size[0] > 300

@@ -1,4 +1,5 @@
-"""ShapesBench: a perfect stand-in model scores full marks (the wiring is right); the tiny model runs end to end."""
+"""ShapesBench: a perfect stand-in model scores full marks (the wiring is right); the tiny model runs end to
+end."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def pipe():
 
 
 class Oracle:
-    """A perfect model: draws each prompt's reference scene, applies each edit exactly, answers every question.
+    """A perfect model: draws each prompt's reference scene, applies each edit exactly, answers every
+    question.
 
     It looks the right output up by the exact input it receives, so a mix-up in the benchmark's wiring
     (prompt template, which image goes with which question, which edit with which source) fails the test.
@@ -82,6 +84,7 @@ class Oracle:
         return ChatOutput(texts)
 
 
+@pytest.mark.slow
 def test_a_perfect_model_scores_full_marks(pipe, tmp_path):
     n = 3
     report = run_shapes_bench(
@@ -108,9 +111,17 @@ def test_a_perfect_model_scores_full_marks(pipe, tmp_path):
     assert report["edit"]["summary"]["correct"] == 1.0
 
 
+@pytest.mark.slow
 def test_the_tiny_model_runs_end_to_end(pipe, tmp_path):
     cfg = ShapesBenchConfig(
-        n=1, num_images=1, steps=1, guidance=1.0, edit_steps=2, edit_guidance=1.0, max_new_tokens=4, seed=0,
+        n=1,
+        num_images=1,
+        steps=1,
+        guidance=1.0,
+        edit_steps=2,
+        edit_guidance=1.0,
+        max_new_tokens=4,
+        seed=0,
         prompt_gain_n=2,
     )
     report = run_shapes_bench(pipe, tmp_path, cfg, model_name="tiny", progress=False)

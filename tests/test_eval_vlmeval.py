@@ -124,7 +124,8 @@ def test_launcher_registers_and_runs_run_py(pipe, fake_vlmeval, tmp_path, capsys
         "from vlmeval.config import supported_VLM\n"
         "name = sys.argv[sys.argv.index('--model') + 1]\n"
         "model = supported_VLM[name](max_new_tokens=3)\n"
-        "print('ANSWER', repr(model.generate([{'type': 'text', 'value': 'What is 1 plus 1?'}], dataset='X')))\n"
+        "print('ANSWER', repr(model.generate([{'type': 'text', 'value': 'What is 1 plus 1?'}], "
+        "dataset='X')))\n"
     )
     assert (
         main(["--cheers-model", str(tmp_path / "ckpt"), str(run_py), "--data", "X", "--model", "Cheers"]) == 0

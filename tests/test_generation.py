@@ -8,6 +8,7 @@ import torch
 from cheers.beam_search import beam_search
 from cheers.generation import generate
 from cheers.models.pretrained import from_pretrained, save_pretrained
+from cheers.sampling import ImageSampling
 from cheers.text_sampling import TextSampling, filter_logits, penalize_repetition
 
 from model_helpers import TINY_SPECIAL, image_hungry_model, t2i_prompt, tiny_model
@@ -21,17 +22,29 @@ def model():
 
 
 def understanding_prompt(words):
-    ids = [S.chat_start, 102, S.newline, S.im_start, S.image_marker, S.im_end, *words, S.chat_end, S.newline,
-           S.chat_start, 103, S.newline]
+    ids = [
+        S.chat_start,
+        102,
+        S.newline,
+        S.im_start,
+        S.image_marker,
+        S.im_end,
+        *words,
+        S.chat_end,
+        S.newline,
+        S.chat_start,
+        103,
+        S.newline,
+    ]
     return torch.tensor([ids])
 
 
 def test_kv_cached_decoding_equals_uncached(model):
     ids, image = understanding_prompt([40, 41, 42]), torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        out = generate(model, ids, None, image, max_length=5)
+        out = generate(model, ids, None, image, max_new_tokens=6)
         tokens = out.sequences[0]
-        assert len(tokens) == 6  # the release stops once the count exceeds max_length
+        assert len(tokens) == 6  # a row stops once it has generated max_new_tokens
         seq = ids
         for tok in tokens:
             logits = model(seq, None, image).logits[0, -1]
@@ -42,9 +55,16 @@ def test_kv_cached_decoding_equals_uncached(model):
 def test_padded_batch_gives_each_prompt_its_own_result(model):
     prompts = [t2i_prompt([11, 12, 13, 14, 15]), t2i_prompt([21])]
     dummy = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    kwargs = dict(num_inference_steps=3, cfg_scale=2.5, alpha=0.7, max_length=16 + 3)
-    alone = [generate(model, p, None, dummy[i:i + 1], generator=[torch.Generator().manual_seed(10 + i)], **kwargs)
-             for i, p in enumerate(prompts)]
+    kwargs = dict(
+        image_sampling=ImageSampling(num_inference_steps=3, guidance_scale=2.5, shift=0.7),
+        max_new_tokens=16 + 4,
+    )
+    alone = [
+        generate(
+            model, p, None, dummy[i : i + 1], generator=[torch.Generator().manual_seed(10 + i)], **kwargs
+        )
+        for i, p in enumerate(prompts)
+    ]
     width = max(p.shape[1] for p in prompts)
     ids = torch.full((2, width), S.pad)
     mask = torch.zeros(2, width, dtype=torch.long)
@@ -60,9 +80,20 @@ def test_padded_batch_gives_each_prompt_its_own_result(model):
 
 def test_guidance_one_equals_no_guidance(model):
     p, dummy, noise = t2i_prompt([5, 6]), torch.rand(1, 3, 128, 128), torch.randn(1, 32, 8, 8)
-    a = generate(model, p, None, dummy, num_inference_steps=2, cfg_scale=1.0, latents=noise, max_length=0)
-    b = generate(model, p, None, dummy, num_inference_steps=2, cfg_scale=None, latents=noise, max_length=0)
-    c = generate(model, p, None, dummy, num_inference_steps=2, cfg_scale=4.0, latents=noise, max_length=0)
+
+    def run(scale):
+        return generate(
+            model,
+            p,
+            None,
+            dummy,
+            image_sampling=ImageSampling(2, guidance_scale=scale),
+            latents=noise,
+            stop_after_image=True,
+        )
+
+    a, b, c = run(1.0), run(None), run(4.0)
+    assert torch.equal(run(0.0).images[0][0], b.images[0][0])  # 0, like 1 and None, turns guidance off
     assert torch.equal(a.images[0][0], b.images[0][0])
     assert not torch.allclose(a.images[0][0], c.images[0][0])
 
@@ -70,18 +101,35 @@ def test_guidance_one_equals_no_guidance(model):
 def test_exact_final_step_stops_at_t1(model):
     p, dummy, noise = t2i_prompt([5]), torch.rand(1, 3, 128, 128), torch.randn(1, 32, 8, 8)
     xs = []
-    out = generate(model, p, None, dummy, num_inference_steps=3, latents=noise, max_length=0, final_step="exact",
-                   callback=lambda n, t, x, v: xs.append(x))
+    out = generate(
+        model,
+        p,
+        None,
+        dummy,
+        image_sampling=ImageSampling(3, final_step="exact"),
+        latents=noise,
+        stop_after_image=True,
+        callback=lambda n, t, x, v: xs.append(x),
+    )
     assert torch.equal(out.latents[0][0], xs[-1][0])
-    rel = generate(model, p, None, dummy, num_inference_steps=3, latents=noise, max_length=0)
+    rel = generate(
+        model, p, None, dummy, image_sampling=ImageSampling(3), latents=noise, stop_after_image=True
+    )
     assert not torch.equal(rel.latents[0][0], out.latents[0][0])
 
 
 def test_interleaved_images_and_text(model):
     biased = image_hungry_model(seed=3)
     n = 16
-    out = generate(biased, t2i_prompt([5]), None, torch.rand(1, 3, 128, 128), num_inference_steps=2,
-                   max_length=2 * n + 1, return_gates=True)
+    out = generate(
+        biased,
+        t2i_prompt([5]),
+        None,
+        torch.rand(1, 3, 128, 128),
+        image_sampling=ImageSampling(2),
+        max_new_tokens=2 * n + 2,
+        return_gates=True,
+    )
     assert out.sequences[0] == [S.im_end, S.im_start, S.im_end, S.im_start]
     assert len(out.images[0]) == 2 and out.images[0][0].shape == (3, 128, 128)
     assert out.gates[0][0].shape == (2, 8, 8)
@@ -89,7 +137,7 @@ def test_interleaved_images_and_text(model):
 
 def test_beam_search(model):
     ids, image = understanding_prompt([40, 41]), torch.rand(1, 3, 128, 128)
-    greedy = generate(model, ids, None, image, max_length=4).sequences[0]
+    greedy = generate(model, ids, None, image, max_new_tokens=5).sequences[0]
     assert beam_search(model, ids, None, image, num_beams=1, max_new_tokens=5)[0] == greedy[:5]
 
     def logprob(seq):

@@ -30,8 +30,12 @@ def test_rung_samples_are_deterministic_and_their_references_pass_the_judge(rung
 def test_l0_covers_the_palette_and_reads_colours_by_the_mean():
     colours = {rung_sample("L0", seed, 64).spec["background"]["color"] for seed in range(200)}
     assert colours == set(L0_COLORS)
-    noisy = np.clip(np.full((64, 64, 3), L0_COLORS["orange"], np.float32)
-                    + np.random.default_rng(0).normal(0, 30, (64, 64, 3)), 0, 255).astype(np.uint8)
+    noisy = np.clip(
+        np.full((64, 64, 3), L0_COLORS["orange"], np.float32)
+        + np.random.default_rng(0).normal(0, 30, (64, 64, 3)),
+        0,
+        255,
+    ).astype(np.uint8)
     assert nearest_palette_color(Image.fromarray(noisy)) == "orange"
     assert judge("L0", Image.fromarray(noisy), {"background": {"color": "blue"}}) == (False, "orange")
 
@@ -42,8 +46,16 @@ def test_ladder_config_checks_and_overrides():
     assert cfg.time_sampling == {"kind": "logit_normal", "loc": -1, "scale": 1.0}
     with pytest.raises(ValueError, match="bad override"):
         LadderConfig().with_overrides(["nonsense=1"])
-    for bad in ({"rung": "L9"}, {"scale": "huge"}, {"steps": 0}, {"cfg_dropout": 1.0}, {"precision": "fp8"},
-                {"eval_prompts": 1}, {"lr_multipliers": {"projector": 0.1}}, {"lr_multipliers": {"llm": 0}}):
+    for bad in (
+        {"rung": "L9"},
+        {"scale": "huge"},
+        {"steps": 0},
+        {"cfg_dropout": 1.0},
+        {"precision": "fp8"},
+        {"eval_prompts": 1},
+        {"lr_multipliers": {"projector": 0.1}},
+        {"lr_multipliers": {"llm": 0}},
+    ):
         with pytest.raises(ValueError):
             LadderConfig(**bad)
 
@@ -61,8 +73,12 @@ def test_the_control_conditions_on_the_pooled_prompt():
     v = control(ids, mask, x, torch.tensor([0.3, 0.3]))
     assert v.shape == (2, 8, 2, 2)
     assert not torch.allclose(v[0], v[1])  # the prompts differ in one token
-    padded = control(torch.tensor([[3, 4, 5, 7]]), torch.tensor([[1, 1, 1, 0]], dtype=torch.bool), x[:1],
-                     torch.tensor([0.3]))
+    padded = control(
+        torch.tensor([[3, 4, 5, 7]]),
+        torch.tensor([[1, 1, 1, 0]], dtype=torch.bool),
+        x[:1],
+        torch.tensor([0.3]),
+    )
     assert torch.allclose(padded, v[:1], atol=1e-6)  # masked tokens do not count
 
 
@@ -71,7 +87,8 @@ def test_l0_a_micro_cheers_learns_to_read_its_prompt_and_a_blind_one_fails_the_c
     """The ladder's first rung as a test, and the cause of issue #18 in one comparison. A micro Cheers trained
     from scratch on "A plain <colour> background." with the und_projector at a tenth of the lr (image tokens
     stay near the text scale) draws the named colour after 150 steps; at the same budget the release's recipe
-    (one lr: the image tokens grow to ~30x the text scale) is still prompt-blind, and so is the untrained model."""
+    (one lr: the image tokens grow to ~30x the text scale) is still prompt-blind, and so is the untrained
+    model."""
     import dataclasses
 
     import torch
@@ -81,8 +98,15 @@ def test_l0_a_micro_cheers_learns_to_read_its_prompt_and_a_blind_one_fails_the_c
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        fixed = LadderConfig(rung="L0", resolution=32, steps=150, lr=2e-3, control=False, eval_prompts=18,
-                             lr_multipliers={"und_projector": 0.1})
+        fixed = LadderConfig(
+            rung="L0",
+            resolution=32,
+            steps=150,
+            lr=2e-3,
+            control=False,
+            eval_prompts=18,
+            lr_multipliers={"und_projector": 0.1},
+        )
         blind = run_ladder(dataclasses.replace(fixed, steps=1), progress=False)["cheers"]
         release = run_ladder(dataclasses.replace(fixed, lr_multipliers={}), progress=False)["cheers"]
         trained = run_ladder(fixed, progress=False)["cheers"]

@@ -13,15 +13,8 @@ from cheers.flow import interpolate, time_shift, velocity_target
 from cheers.models.cheers import Cheers
 from cheers.models.flow_head import DiTBlock, DiTHead, HiGate, rope_tables
 from cheers.models.sequence import hybrid_mask, shift_labels
-from cheers.models.vae import (
-    Upsample,
-    patchify,
-    polyphase_upsampling,
-    release_layers,
-    set_polyphase_upsampling,
-    unpatchify,
-    upsample_conv,
-)
+from cheers.models.vae import Upsample, patchify, unpatchify
+from cheers.models.vae_fast import install_fast_vae, reference_layers, upsample_conv
 from cheers.models.vision import merge_2x2, split_2x2
 from cheers.sampling import apply_guidance, schedule
 
@@ -31,6 +24,7 @@ OFFICIAL = Path(__file__).parent / "fixtures/official"
 
 
 # -- configuration -------------------------------------------------------------------------------------------
+
 
 def test_official_preset_on_meta_matches_the_release_manifest():
     manifest = json.loads((OFFICIAL / "full_manifest.json").read_text())
@@ -56,26 +50,38 @@ def test_release_config_json_resolves_to_the_official_preset():
 
 
 def test_config_defaults_are_the_release_code_defaults():
-    cfg = CheersConfig.from_dict({"model_type": "umm", "vision_representation_config": {"patch_size": 16},
-                                  "text_config": {"num_key_value_heads": 4}})
+    cfg = CheersConfig.from_dict(
+        {
+            "model_type": "umm",
+            "vision_representation_config": {"patch_size": 16},
+            "text_config": {"num_key_value_heads": 4},
+        }
+    )
     assert cfg.text.vocab_size == 152064 and cfg.text.hidden_size == 3584  # 7B-style Qwen defaults
     assert cfg.vae_encoder.resolution == 256 and cfg.vae_encoder.z_channels == 32
 
 
-@pytest.mark.parametrize("data, needle", [
-    ({"model_type": "llama"}, "model_type"),
-    ({"text_config": {"hidden_sizee": 3}}, "hidden_sizee"),
-    ({"vae_decoder_config": {"ch": 64}}, r"4 \* z_channels"),
-    ({"text_config": {"num_attention_heads": 5}}, "divisible"),
-    ({"vae_encoder_config": {"ch_mult": [1, 2]}, "vae_decoder_config": {"ch_mult": [1, 2]}}, "patch size"),
-    ({"vision_representation_config": {"patch_size": 0}}, "patch_size"),
-])
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"model_type": "llama"}, "model_type"),
+        ({"text_config": {"hidden_sizee": 3}}, "hidden_sizee"),
+        ({"vae_decoder_config": {"ch": 64}}, r"4 \* z_channels"),
+        ({"text_config": {"num_attention_heads": 5}}, "divisible"),
+        (
+            {"vae_encoder_config": {"ch_mult": [1, 2]}, "vae_decoder_config": {"ch_mult": [1, 2]}},
+            "patch size",
+        ),
+        ({"vision_representation_config": {"patch_size": 0}}, "patch_size"),
+    ],
+)
 def test_bad_configs_raise_naming_the_problem(data, needle):
     with pytest.raises(ConfigError, match=needle):
         CheersConfig.from_dict({"model_type": "umm", **data})
 
 
-# -- layout conventions ---------------------------------------------------------------------------------------
+# -- layout conventions --------------------------------------------------------------------------------------
+
 
 def test_patchify_channel_order_and_inverse():
     m = torch.randn(2, 3, 8, 6)
@@ -104,116 +110,125 @@ def test_polyphase_upsample_conv_is_interpolate_then_conv(channels_last):
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
 
 
-def test_upsample_module_switches_between_the_two_forms():
+def test_installed_polyphase_upsampling_comes_off_again():
     torch.manual_seed(0)
-    model = tiny_model()
     up = Upsample(4)
     x = torch.randn(1, 4, 4, 4)
-    fast = up(x)
-    assert set_polyphase_upsampling(up, False) == 1 and not up.polyphase
-    assert (up(x) - fast).abs().max() < 1e-5
-    assert set_polyphase_upsampling(model, True) > 0  # the decoders of a model have them
+    literal = up(x)  # the reference: interpolate, then conv
+    fast = install_fast_vae(up)
+    assert fast.upsamplers == [up] and "forward" in vars(up)
+    assert (up(x) - literal).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="already have a forward installed"):
+        install_fast_vae(up)
+    fast.remove()
+    assert "forward" not in vars(up) and torch.equal(up(x), literal)
+    model = install_fast_vae(tiny_model())  # both decoders of a model, all their upsamplers
+    assert len(model.decoders) == 2 and len(model.upsamplers) > 2
+    with pytest.raises(ValueError, match="no VAE Decoder"):
+        install_fast_vae(torch.nn.Linear(2, 2))
     bf16 = Upsample(4).bfloat16()  # the summed taps are formed in float32, then cast once
-    plain = bf16.conv(torch.nn.functional.interpolate(x.bfloat16(), scale_factor=2.0, mode="nearest"))
+    plain = bf16(x.bfloat16())
+    install_fast_vae(bf16)
     assert (bf16(x.bfloat16()).float() - plain.float()).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_decoder_in_place_inference_is_bit_identical_to_the_autograd_path(channels_last):
-    """Without autograd the VAE blocks run SiLU and the residual add in place; same numbers, and training
-    (parameters recording gradients) still takes the out-of-place path and backpropagates."""
+def _small_latent_decoder(channels_last: bool):
     from cheers.config import VAEDecoderConfig
     from cheers.models.vae import LatentDecoder
 
     torch.manual_seed(0)
     cfg = VAEDecoderConfig(resolution=64, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
-    dec = LatentDecoder(cfg).eval()
+    dec = LatentDecoder(cfg).eval()  # a 64 -> 32 channel shortcut, an upsampler, the attention block
     if channels_last:
         dec.to(memory_format=torch.channels_last)
-    z = torch.randn(2, 16, 2, 2)
+    return dec, torch.randn(2, 16, 2, 2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_installed_vae_path_falls_back_to_the_reference_forward_and_trains(channels_last, monkeypatch):
+    """Where the buffers do not apply (autograd, another dtype or device, no oneDNN fused conv) a decoder
+    runs its reference forward with the polyphase upsamplers, which backpropagates; reference_layers() and
+    remove() give the release's layers back."""
+    from cheers.models import vae_fast
+
+    dec, z = _small_latent_decoder(channels_last)
     with torch.no_grad():
-        fast = dec(z)
-    slow = dec(z)  # parameters require grad: every op out of place
-    assert slow.requires_grad and torch.equal(fast, slow)
+        literal = dec(z)
+    fast = install_fast_vae(dec)
+    slow = dec(z)  # parameters require grad: the reference forward, polyphase upsampling
+    assert slow.requires_grad and (slow - literal).abs().max() < 1e-5
+    fast.reuse_buffers = False
+    with torch.no_grad():
+        assert torch.equal(dec(z), slow.detach())
+    fast.reuse_buffers = True
     slow.square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dec.decoder.parameters())
     z_grad = z.clone().requires_grad_()  # frozen weights, input recording gradients
     dec.requires_grad_(False)
     out = dec(z_grad)
     (g,) = torch.autograd.grad(out.sum(), z_grad)
-    assert torch.equal(out.detach(), fast) and torch.isfinite(g).all()
-    with release_layers(dec), torch.no_grad():  # the release's out-of-place layers, literal upsampling
-        assert not any(getattr(m, "in_place", False) for m in dec.modules())
-        assert (dec(z) - fast).abs().max() < 1e-5
-    assert all(m.in_place for m in dec.modules() if hasattr(m, "in_place"))
+    assert torch.equal(out.detach(), slow.detach()) and torch.isfinite(g).all() and fast.nbytes == 0
+    with torch.no_grad():
+        if vae_fast._fused_conv_available():
+            assert fast.applies(z)
+        assert not fast.applies(z.double()) and not fast.applies(z.bfloat16())
+        assert not fast.applies(torch.empty(z.shape, device="meta"))
+        monkeypatch.setattr(vae_fast, "_fused_conv_available", lambda: False)  # a build without oneDNN's op
+        assert not fast.applies(z)
+        with reference_layers(dec):  # the release-style loop's layers
+            assert "forward" not in vars(dec.decoder) and torch.equal(dec(z), literal)
+        assert "forward" in vars(dec.decoder)
+        fast.remove()
+        assert torch.equal(dec(z), literal)
+    assert not fast.applies(z)  # autograd on
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("phase_upsampling", [False, True])
-def test_scratch_decoder_reuses_buffers_and_matches_the_plain_decoder(channels_last, phase_upsampling,
-                                                                       monkeypatch):
-    """Inside vae.scratch() the CPU decoder writes its activations into reused buffers: the output matches the
-    plain decoder (its convs give the same bits; GroupNorm's two-pass statistics differ by rounding), is a
-    fresh tensor, and a second call makes no new buffer. Large upsampler outputs go through the phase convs
-    into buffers (forced here with a zero size threshold)."""
-    import threading
+def test_installed_cpu_decoder_reuses_its_buffers_and_matches_the_reference(channels_last, phase_upsampling):
+    """Installed, the CPU decoder writes its activations into buffers it keeps: the output matches the
+    reference (its convs give the same bits as the polyphase reference; GroupNorm's two-pass statistics differ
+    by rounding), is a fresh tensor, and a second call makes no new buffer. Large upsampler outputs go through
+    the phase convs into buffers (forced here with a zero size threshold). A decoder run while the buffers are
+    in use (from inside another decoder here; another thread likewise) takes its own: same numbers."""
+    from cheers.models import vae_fast
 
-    from cheers.config import VAEDecoderConfig
-    from cheers.models import vae
-
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("the scratch path needs oneDNN")
-    if phase_upsampling:
-        monkeypatch.setattr(vae, "_FRESHLY_MAPPED", 0)
-    torch.manual_seed(0)
-    cfg = VAEDecoderConfig(resolution=64, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
-    dec = vae.LatentDecoder(cfg).eval()  # a 64 -> 32 channel shortcut, an upsampler, the attention block
-    if channels_last:
-        dec.to(memory_format=torch.channels_last)
-    z = torch.randn(2, 16, 2, 2)
+    if not vae_fast._fused_conv_available():
+        pytest.skip("the buffered path needs oneDNN's fused convolution")
+    dec, z = _small_latent_decoder(channels_last)
+    twin, _ = _small_latent_decoder(channels_last)  # the same weights: a second decoder under one handle
+    both = torch.nn.ModuleList([dec, twin])
     with torch.no_grad():
-        plain = dec(z)
-        with vae.scratch() as buffers:
-            first = dec(z)
-            held = buffers.nbytes
-            assert held > 0 and len(buffers._buffers) >= 3
-            assert any(key[0] == "upsample" for key in buffers._buffers) == phase_upsampling
-            second = dec(z)
-            assert buffers.nbytes == held  # reused, none made
-            with vae.scratch() as inner:  # nested: the outer scratch
-                assert inner is buffers
-            seen = []
-            worker = threading.Thread(target=lambda: seen.append(vae._active_scratch(dec.decoder, z)))
-            worker.start()
-            worker.join()
-            assert seen == [None]  # per thread
-            for buf in buffers._buffers.values():
-                assert first.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
-        assert buffers.nbytes == 0  # freed on exit
+        literal = dec(z)
+        fast = install_fast_vae(both)
+        if phase_upsampling:
+            fast.mapped_afresh = 0
+        fast.reuse_buffers = False
+        plain = dec(z)  # the reference forward, polyphase upsampling
+        fast.reuse_buffers = True
+        assert fast.applies(z) and fast.nbytes == 0
+        first = dec(z)
+        held = fast.nbytes
+        assert held > 0 and len(fast.buffer_keys()) >= 3
+        assert any(key[0] == "upsample" for key in fast.buffer_keys()) == phase_upsampling
+        second = dec(z)
+        assert fast.nbytes == held  # reused, none made
+        assert torch.equal(twin(z), first) and fast.nbytes == held  # shared by the handle's decoders
+        inner = []
+        hook = dec.decoder.mid.attn_1.register_forward_pre_hook(lambda m, args: inner.append(twin(z)))
+        try:
+            nested = dec(z)
+        finally:
+            hook.remove()
+        assert torch.equal(nested, first) and torch.equal(inner[0], first) and fast.nbytes == held
+        for buf in fast._idle[0]._buffers.values():
+            assert first.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+        fast.clear()
+        assert fast.nbytes == 0
     assert torch.equal(first, second)
     assert first.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert (first - plain).abs().max() <= 1e-5 * plain.abs().max()
-    with vae.scratch():  # autograd, another dtype and the release's layers take the plain path
-        grad = dec(z)
-        assert grad.requires_grad and torch.equal(grad.detach(), plain)
-        with torch.no_grad():
-            assert vae._active_scratch(dec.decoder, z.double()) is None
-            with release_layers(dec):
-                assert vae._active_scratch(dec.decoder, z) is None
-            torch.backends.mkldnn.enabled = False  # oneDNN switched off by the user
-            try:
-                assert vae._active_scratch(dec.decoder, z) is None
-            finally:
-                torch.backends.mkldnn.enabled = True
-            assert vae._active_scratch(dec.decoder, z) is not None
-
-
-def test_polyphase_upsampling_context_restores_each_setting():
-    a, b = Upsample(4), Upsample(4, polyphase=False)
-    both = torch.nn.Sequential(a, b)
-    with polyphase_upsampling(both, False):
-        assert not a.polyphase and not b.polyphase
-    assert a.polyphase and not b.polyphase
+    assert (first - literal).abs().max() <= 1e-5 * literal.abs().max()
 
 
 def test_token_merge_and_pixel_shuffle_are_inverse():
@@ -221,7 +236,7 @@ def test_token_merge_and_pixel_shuffle_are_inverse():
     merged = merge_2x2(x, (4, 6))
     assert merged.shape == (3, 6, 20)
     # token (I, J) = (1, 2) holds fine token (2I+pi, 2J+pj) at feature block k = pi·2 + pj
-    assert torch.equal(merged[0, 1 * 3 + 2, 3 * 5:4 * 5], x[0, (2 * 1 + 1) * 6 + (2 * 2 + 1)])
+    assert torch.equal(merged[0, 1 * 3 + 2, 3 * 5 : 4 * 5], x[0, (2 * 1 + 1) * 6 + (2 * 2 + 1)])
     assert torch.equal(split_2x2(merged, (4, 6)), x)
 
 
@@ -247,7 +262,8 @@ def test_shifted_labels_follow_the_release_relabelling():
     assert target.tolist() == [[s.im_start, -100, -100, -100, -100, 9, 10]]
 
 
-# -- flow and sampling ------------------------------------------------------------------------------------------
+# -- flow and sampling ---------------------------------------------------------------------------------------
+
 
 def test_flow_path_and_target():
     z1, x0 = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
@@ -278,7 +294,8 @@ def test_guidance_scale_one_is_the_conditional_velocity():
     assert torch.allclose(apply_guidance(vc, vu, 0.0), vu)
 
 
-# -- zero init ----------------------------------------------------------------------------------------------------
+# -- zero init -----------------------------------------------------------------------------------------------
+
 
 def test_adaln_zero_blocks_are_identity_and_the_gate_is_closed_at_init():
     head = DiTHead(32, 2, 4, 2, out_dim=12)
@@ -306,9 +323,13 @@ def test_fresh_model_learns_the_flow_through_every_head():
     ids = torch.cat([ids, torch.tensor([[TINY_SPECIAL.im_start, -300, TINY_SPECIAL.im_end]])], dim=1)
     out = model(ids, pixel_values=torch.rand(1, 3, 64, 64), t=torch.tensor([0.3]), labels=ids)
     out.image_loss.backward()
-    for name in ("gen_projector.diffusion_head_b.linear.weight", "hi_projector.diffusion_head_b.linear.weight",
-                 "hi_gate.gate.2.weight", "gen_projector.diffusion_head_a.0.adaLN_modulation.1.weight",
-                 "hi_projector.diffusion_head_a.2.adaLN_modulation.1.weight"):
+    for name in (
+        "gen_projector.diffusion_head_b.linear.weight",
+        "hi_projector.diffusion_head_b.linear.weight",
+        "hi_gate.gate.2.weight",
+        "gen_projector.diffusion_head_a.0.adaLN_modulation.1.weight",
+        "hi_projector.diffusion_head_a.2.adaLN_modulation.1.weight",
+    ):
         grad = model.model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
 

@@ -2,7 +2,8 @@
 
 Every case found in ``cases.json`` runs; what to call is read from the case's ``call`` and ``settings``, never
 from its name, and every ``out`` tensor must be reproduced within ``suggested_atol + rtol·|ref|`` (token ids
-exactly). Point ``CHEERS_REFERENCE_DIR`` at another directory of the same layout to check another configuration.
+exactly). Point ``CHEERS_REFERENCE_DIR`` at another directory of the same layout to check another
+configuration.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from safetensors.torch import load_file
 
 from cheers.generation import ImageSampler, generate, prefill
 from cheers.models.pretrained import from_pretrained
+from cheers.sampling import ImageSampling
 from cheers.text_sampling import TextSampling
 from cheers.tokens import SpecialTokens, unconditional_ids
 
-REFERENCE_DIR = Path(os.environ.get("CHEERS_REFERENCE_DIR", Path(__file__).parent / "fixtures/reference/config_a"))
+REFERENCE_DIR = Path(
+    os.environ.get("CHEERS_REFERENCE_DIR", Path(__file__).parent / "fixtures/reference/config_a")
+)
 MAX_ERRORS: dict[str, float] = {}  # tensor -> max abs error, printed at the end of the session
 
 
@@ -32,10 +36,19 @@ def _load_reference():
 def _special(meta: dict) -> SpecialTokens:
     ids, chat = meta["special_ids"], meta["chat_stand_in_ids"]
     return SpecialTokens(
-        image=chat["IMAGE_WORD"], image_gen=chat["IMAGE_GEN_WORD"], im_start=ids["IM_START_ID"],
-        im_end=ids["IM_END_ID"], no_mean=ids["NO_MEAN_ID"], eos=ids["EOS_TOKEN_ID"], pad=chat["PAD"],
-        chat_start=chat["CHAT_START"], chat_end=chat["CHAT_END"], newline=chat["NEWLINE"],
-        image_marker=ids["IMAGE_TOKEN_INDEX"], image_gen_marker=ids["IMAGE_GEN_TOKEN_INDEX"])
+        image=chat["IMAGE_WORD"],
+        image_gen=chat["IMAGE_GEN_WORD"],
+        im_start=ids["IM_START_ID"],
+        im_end=ids["IM_END_ID"],
+        no_mean=ids["NO_MEAN_ID"],
+        eos=ids["EOS_TOKEN_ID"],
+        pad=chat["PAD"],
+        chat_start=chat["CHAT_START"],
+        chat_end=chat["CHAT_END"],
+        newline=chat["NEWLINE"],
+        image_marker=ids["IMAGE_TOKEN_INDEX"],
+        image_gen_marker=ids["IMAGE_GEN_TOKEN_INDEX"],
+    )
 
 
 META, TENSORS = _load_reference()
@@ -44,8 +57,9 @@ CASES = sorted(META["cases"])
 
 @pytest.fixture(scope="module")
 def model():
-    return from_pretrained(REFERENCE_DIR / META.get("checkpoint_dir", "checkpoint"), dtype="float32",
-                           special=_special(META))
+    return from_pretrained(
+        REFERENCE_DIR / META.get("checkpoint_dir", "checkpoint"), dtype="float32", special=_special(META)
+    )
 
 
 def kind_of(call: str, tensors: dict) -> str:
@@ -67,6 +81,7 @@ def kind_of(call: str, tensors: dict) -> str:
 
 def run_case(model, name: str, case: dict) -> dict[str, torch.Tensor]:
     """Run one case; returns our tensors keyed like the reference (``<case>/<role>/<name>``)."""
+
     def inp(key):
         return TENSORS[f"{name}/in/{key}"]
 
@@ -92,16 +107,31 @@ def run_case(model, name: str, case: dict) -> dict[str, torch.Tensor]:
 
         out["debug/lm_attention_mask"] = hybrid_mask(res.assembled.image_flags, res.assembled.valid)[:, 0]
     elif kind == "train":
-        res = model(inp("input_ids"), inp("attention_mask"), inp("pixel_values"), t=inp("t"),
-                    labels=inp("labels"), x0=inp("x0"))
-        out.update({"out/loss": res.loss.reshape(1), "out/text_loss": res.text_loss.reshape(1),
-                    "out/image_loss": res.image_loss.reshape(1), "out/text_logits": res.logits,
-                    "out/pred_velocity": res.pred_velocity, "out/target_velocity": res.target_velocity})
+        res = model(
+            inp("input_ids"),
+            inp("attention_mask"),
+            inp("pixel_values"),
+            t=inp("t"),
+            labels=inp("labels"),
+            x0=inp("x0"),
+        )
+        out.update(
+            {
+                "out/loss": res.loss.reshape(1),
+                "out/text_loss": res.text_loss.reshape(1),
+                "out/image_loss": res.image_loss.reshape(1),
+                "out/text_logits": res.logits,
+                "out/pred_velocity": res.pred_velocity,
+                "out/target_velocity": res.target_velocity,
+            }
+        )
     elif kind == "velocity":
         ids, pixels = inp("input_ids"), inp("pixel_values")
         uncond = unconditional_ids(ids, model.special)
         if has("uncond_input_ids"):
-            assert torch.equal(uncond, inp("uncond_input_ids")), "unconditional prompt differs from the release's"
+            assert torch.equal(uncond, inp("uncond_input_ids")), (
+                "unconditional prompt differs from the release's"
+            )
         for prefix, prompt in (("", ids), ("uncond_", uncond)):
             out[f"out/{prefix}prefill_logits"] = model(prompt, torch.ones_like(prompt), pixels).logits
             state = prefill(model, prompt, torch.ones_like(prompt), pixels)
@@ -115,11 +145,20 @@ def run_case(model, name: str, case: dict) -> dict[str, torch.Tensor]:
     elif kind == "generate":
         steps_seen = []
         res = generate(
-            model, inp("input_ids"), torch.ones_like(inp("input_ids")), inp("pixel_values"),
-            num_inference_steps=settings["num_inference_steps"], cfg_scale=settings["cfg_scale"],
-            alpha=settings["alpha"], edit_image=settings["edit_image"], max_length=settings["max_length"],
-            sampling=TextSampling(temperature=settings["temperature"]), latents=inp("init_noise"),
-            callback=lambda n, t, x, v: steps_seen.append((t, x[0])))
+            model,
+            inp("input_ids"),
+            torch.ones_like(inp("input_ids")),
+            inp("pixel_values"),
+            # the fixture keeps the release's names: cfg_scale, alpha, max_length (= max_new_tokens - 1)
+            image_sampling=ImageSampling(
+                settings["num_inference_steps"], guidance_scale=settings["cfg_scale"], shift=settings["alpha"]
+            ),
+            edit_image=settings["edit_image"],
+            max_new_tokens=settings["max_length"] + 1,
+            text_sampling=TextSampling(temperature=settings["temperature"]),
+            latents=inp("init_noise"),
+            callback=lambda n, t, x, v: steps_seen.append((t, x[0])),
+        )
         out["out/generated_ids"] = torch.tensor([res.sequences[0]])
         for i, (img, lat) in enumerate(zip(res.images[0], res.latents[0])):
             out[f"out/image_{i}"], out[f"out/final_latent_{i}"] = img[None], lat[None]
@@ -138,7 +177,7 @@ def test_parity_case(model, name):
     assert expected_outputs, f"case {name} has no outputs"
     checked = 0
     for key, info in case["tensors"].items():
-        short = key[len(name) + 1:]
+        short = key[len(name) + 1 :]
         if info["role"] == "in":
             continue
         if short not in ours:
@@ -152,6 +191,8 @@ def test_parity_case(model, name):
             err = (got.float() - ref).abs()
             tol = info["suggested_atol"] + rtol * ref.abs()
             MAX_ERRORS[key] = float(err.max())
-            assert bool((err <= tol).all()), f"{key}: max error {float(err.max()):.3e} (atol {info['suggested_atol']})"
+            assert bool((err <= tol).all()), (
+                f"{key}: max error {float(err.max()):.3e} (atol {info['suggested_atol']})"
+            )
         checked += 1
     assert checked >= len(expected_outputs)

@@ -80,15 +80,18 @@ def test_edit_and_chat(pipe):
     assert len(batch.texts) == 2
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(num_inference_steps=0), "num_inference_steps"),
-    (dict(num_inference_steps=10**9), "num_inference_steps"),
-    (dict(guidance_scale=float("nan")), "guidance_scale"),
-    (dict(guidance_scale=-1.0), "guidance_scale"),
-    (dict(height=100), "height"),
-    (dict(output_type="jpeg"), "output_type"),
-    (dict(shift=0.0), "shift"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(num_inference_steps=10**9), "num_inference_steps"),
+        (dict(guidance_scale=float("nan")), "guidance_scale"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(height=100), "height"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(shift=0.0), "shift"),
+    ],
+)
 def test_bad_parameters_raise(pipe, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         pipe.generate("x", **kwargs)
@@ -108,13 +111,31 @@ def test_pipeline_loads_from_a_directory(model_dir):
 
 def test_cli_generate_ask_and_info(model_dir, tmp_path, capsys):
     target = tmp_path / "img.png"
-    assert main(["generate", "two red circles", "--model", str(model_dir), "--steps", "2", "--out", str(target),
-                 "--seed", "3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "two red circles",
+                "--model",
+                str(model_dir),
+                "--steps",
+                "2",
+                "--out",
+                str(target),
+                "--seed",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     meta = json.loads(Image.open(target).text["cheers"])
     assert meta["prompt"] == "two red circles" and meta["seed"] == 3 and meta["num_inference_steps"] == 2
     assert json.loads(target.with_suffix(".json").read_text())["seed"] == 3
-    assert main(["ask", str(target), "How many?", "--model", str(model_dir), "--max-new-tokens", "3",
-                 "--quiet"]) == 0
+    assert (
+        main(["ask", str(target), "How many?", "--model", str(model_dir), "--max-new-tokens", "3", "--quiet"])
+        == 0
+    )
     assert main(["info", "--model", str(model_dir)]) == 0
     assert "parameters:" in capsys.readouterr().out
     bad = tmp_path / "bad.png"

@@ -19,7 +19,11 @@ from cheers.processor import CheersProcessor
 
 from tiny_tokenizer import RELEASE_CHAT_TEMPLATE, make_tiny_tokenizer
 
-RELEASE_DIR = Path(os.environ.get("CHEERS_RELEASE_TOKENIZER_DIR", str(Path(__file__).resolve().parents[2] / "shared/reference/official")))
+RELEASE_DIR = Path(
+    os.environ.get(
+        "CHEERS_RELEASE_TOKENIZER_DIR", str(Path(__file__).resolve().parents[2] / "shared/reference/official")
+    )
+)
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 IMG = "<im_start><image><im_end>"
 GEN = "<im_start><image_gen><im_end>"
@@ -332,7 +336,9 @@ def test_generation_record_keeps_the_gen_marker_in_labels(proc):
         proc.encode_conversation({**record, "image": "a.png, b.png"})
 
 
-REFERENCE_CASES = Path(os.environ.get("CHEERS_REFERENCE_DIR", str(Path(__file__).parent / "fixtures/reference/config_a")))
+REFERENCE_CASES = Path(
+    os.environ.get("CHEERS_REFERENCE_DIR", str(Path(__file__).parent / "fixtures/reference/config_a"))
+)
 
 
 @pytest.mark.skipif(not (REFERENCE_CASES / "cases.json").is_file(), reason="reference vectors not present")

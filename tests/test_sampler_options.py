@@ -1,4 +1,5 @@
-"""Sampler options on a tiny model: solvers end to end, guidance over an interval of t, pipeline and CLI plumbing."""
+"""Sampler options on a tiny model: solvers end to end, guidance over an interval of t, pipeline and CLI
+plumbing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from cheers.generation import generate
 from cheers.pipeline import SamplingDefaults
-from cheers.sampling import SOLVERS, num_evaluations
+from cheers.sampling import SOLVERS, ImageSampling, num_evaluations
 
 from model_helpers import t2i_prompt, tiny_model, tiny_pipeline
 
@@ -22,8 +23,18 @@ def model():
 def run(model, **kw):
     prompt, dummy = t2i_prompt([9, 10]), torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     noise = torch.randn(1, 32, 4, 4, generator=torch.Generator().manual_seed(0))
-    kw = dict(num_inference_steps=3, cfg_scale=3.0, alpha=0.5, latents=noise, max_length=0) | kw
-    return generate(model, prompt, None, dummy, **kw)
+    image = dict(num_inference_steps=3, guidance_scale=3.0, shift=0.5)
+    image |= {k: kw.pop(k) for k in ("guidance_scale", "solver", "guidance_interval") if k in kw}
+    return generate(
+        model,
+        prompt,
+        None,
+        dummy,
+        image_sampling=ImageSampling(**image),
+        latents=noise,
+        stop_after_image=True,
+        **kw,
+    )
 
 
 class CountRows:
@@ -63,9 +74,11 @@ def test_interval_over_all_of_t_equals_plain_guidance(model):
 
 
 def test_outside_the_interval_the_unconditional_branch_is_not_run(model, monkeypatch):
-    unguided = run(model, cfg_scale=None).latents[0][0]
+    unguided = run(model, guidance_scale=None).latents[0][0]
     count = CountRows(model, monkeypatch)
-    never = run(model, guidance_interval=(0.99, 0.995)).latents[0][0]  # the grid is 0, 1/3, 1 (after the shift)
+    never = run(model, guidance_interval=(0.99, 0.995)).latents[0][
+        0
+    ]  # the grid is 0, 1/3, 1 (after the shift)
     assert count.rows == [2, 1, 1, 1]  # both prompts prefilled, then the conditional rows only
     assert torch.allclose(never, unguided, atol=1e-5)
     count.rows.clear()
@@ -96,7 +109,7 @@ def test_a_conditional_only_last_evaluation_leaves_the_cache_as_a_full_one(model
     assert a.length == b.length and a.next_pos[0] == b.next_pos[0]
     assert torch.equal(a.key_valid[0], b.key_valid[0])
     # the unconditional row did not see this image: placeholders marked invalid, its position not advanced
-    assert not b.key_valid[1, full.prefix_length:].any() and b.next_pos[1] == full.prefix_pos[1]
+    assert not b.key_valid[1, full.prefix_length :].any() and b.next_pos[1] == full.prefix_pos[1]
     for la, lb in zip(a.cache.layers, b.cache.layers):
         assert torch.allclose(la.keys[:1], lb.keys[:1], atol=1e-5)
         assert torch.allclose(la.values[:1], lb.values[:1], atol=1e-5)
@@ -133,12 +146,45 @@ def test_pipeline_defaults_call_kwargs_and_cli(tmp_path, capsys):
     (directory / "sampling_defaults.json").write_text(json.dumps({"solver": "multistep"}))
     target = tmp_path / "img.png"
     small = ["--height", "64", "--width", "64", "--quiet"]
-    assert main(["generate", "red", "--model", str(directory), "--steps", "2", "--out", str(target), *small,
-                 "--guidance-interval", "0.1", "0.9"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "red",
+                "--model",
+                str(directory),
+                "--steps",
+                "2",
+                "--out",
+                str(target),
+                *small,
+                "--guidance-interval",
+                "0.1",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     meta = json.loads(target.with_suffix(".json").read_text())
     assert meta["solver"] == "multistep" and meta["guidance_interval"] == [0.1, 0.9]
-    assert main(["generate", "red", "--model", str(directory), "--steps", "2", "--out", str(target), *small,
-                 "--solver", "midpoint"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "red",
+                "--model",
+                str(directory),
+                "--steps",
+                "2",
+                "--out",
+                str(target),
+                *small,
+                "--solver",
+                "midpoint",
+            ]
+        )
+        == 0
+    )
     assert json.loads(target.with_suffix(".json").read_text())["solver"] == "midpoint"
     assert main(["generate", "red", "--model", str(directory), "--guidance-interval", "0.9", "0.1"]) == 2
     assert "guidance_interval" in capsys.readouterr().err

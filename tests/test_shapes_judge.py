@@ -40,6 +40,7 @@ PINNED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("res", "pert", "n"), sorted(PINNED))
 def test_judge_accuracy_is_pinned(res, pert, n):
     (row,) = judge_accuracy(range(n), [res], [pert])

@@ -77,6 +77,7 @@ def test_chat_template_is_the_releases():
     assert CHAT_TEMPLATE == json.loads(REFERENCE.read_text())["chat_template"]
 
 
+@pytest.mark.slow
 def test_shipped_tokenizer_is_the_default_build(tmp_path):
     fresh = build_shapes_tokenizer(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -39,11 +39,18 @@ def test_error_shrinks_at_the_solvers_order(solver, alpha):
 def test_evaluation_count_and_callbacks(solver):
     calls, grid = [], []
     ts = schedule(6, 0.5)
-    sample(lambda x, t, n: calls.append(float(t)) or -x, torch.ones(1, 2, 2, 2), ts, solver=solver,
-           callback=lambda n, t, x, v: grid.append(n))
+    sample(
+        lambda x, t, n: calls.append(float(t)) or -x,
+        torch.ones(1, 2, 2, 2),
+        ts,
+        solver=solver,
+        callback=lambda n, t, x, v: grid.append(n),
+    )
     assert len(calls) == num_evaluations(solver, 6)
     assert grid == list(range(6))  # one callback per grid point, whatever the solver
-    assert calls[-1] == 1.0  # every solver ends with the velocity at t = 1 (the KV cache sees the final latent)
+    assert (
+        calls[-1] == 1.0
+    )  # every solver ends with the velocity at t = 1 (the KV cache sees the final latent)
 
 
 def test_release_final_step_overshoots_like_euler():
@@ -63,8 +70,10 @@ def test_euler_is_the_release_loop_bit_for_bit():
 
     for final_step in ("release", "exact"):
         ts = schedule(7, 0.5)
-        assert torch.equal(sample(velocity, x, ts, final_step=final_step),
-                           euler_sample(velocity, x, ts, final_step=final_step))
+        assert torch.equal(
+            sample(velocity, x, ts, final_step=final_step),
+            euler_sample(velocity, x, ts, final_step=final_step),
+        )
         manual = x
         for n in range(6):  # the release's loop, written out
             manual = manual + velocity(manual, ts[n], n) * (ts[n + 1] - ts[n])

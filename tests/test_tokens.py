@@ -20,7 +20,11 @@ from cheers.tokens import (
 
 from tiny_tokenizer import CHEERS_TOKENS, make_tiny_tokenizer
 
-RELEASE_DIR = Path(os.environ.get("CHEERS_RELEASE_TOKENIZER_DIR", str(Path(__file__).resolve().parents[2] / "shared/reference/official")))
+RELEASE_DIR = Path(
+    os.environ.get(
+        "CHEERS_RELEASE_TOKENIZER_DIR", str(Path(__file__).resolve().parents[2] / "shared/reference/official")
+    )
+)
 
 
 @pytest.fixture

@@ -48,15 +48,29 @@ def test_unknown_keys_raise_with_their_path(tmp_path):
 
 
 def test_values_are_checked_and_coerced():
-    recipe = load_recipe("stage1", ["train.lr=2e-5", "train.steps=7", "data.sources.1.ratio=3",
-                                    "train.trainable=[llm,flow_head]", "engine.gradient_checkpointing=true"])
+    recipe = load_recipe(
+        "stage1",
+        [
+            "train.lr=2e-5",
+            "train.steps=7",
+            "data.sources.1.ratio=3",
+            "train.trainable=[llm,flow_head]",
+            "engine.gradient_checkpointing=true",
+        ],
+    )
     assert recipe.train.lr == 2e-5 and isinstance(recipe.train.lr, float)  # YAML 1.1 reads 2e-5 as a string
     assert recipe.train.steps == 7 and recipe.data.sources[1].ratio == 3
     assert recipe.train.trainable == ["llm", "flow_head"] and recipe.engine.gradient_checkpointing is True
-    for override, message in [("train.steps=many", r"train\.steps"), ("train.steps=2.5", "whole number"),
-                              ("engine.strategy=zero3", "engine.strategy"), ("train.schedule=linear", "schedule"),
-                              ("train.global_batch=3", "multiple"), ("data.sources.5.ratio=1", "out of range"),
-                              ("engine.gradient_checkpointing=maybe", "true or false"), ("stage=V", "stage")]:
+    for override, message in [
+        ("train.steps=many", r"train\.steps"),
+        ("train.steps=2.5", "whole number"),
+        ("engine.strategy=zero3", "engine.strategy"),
+        ("train.schedule=linear", "schedule"),
+        ("train.global_batch=3", "multiple"),
+        ("data.sources.5.ratio=1", "out of range"),
+        ("engine.gradient_checkpointing=maybe", "true or false"),
+        ("stage=V", "stage"),
+    ]:
         with pytest.raises(RecipeError, match=message):
             load_recipe("stage1", [override])
     with pytest.raises(RecipeError, match="key.path=value"):
@@ -92,9 +106,11 @@ def test_deviations_name_what_differs():
 
 def test_time_sampling_is_checked():
     assert load_recipe("stage2").data.time_sampling == {"kind": "uniform"}  # the release
-    for override, message in [("data.time_sampling.kind=beta", "unknown time sampling"),
-                              ("data.time_sampling.scale=0", "scale > 0"),
-                              ("data.time_sampling.mode=1", "kind, loc, scale")]:
+    for override, message in [
+        ("data.time_sampling.kind=beta", "unknown time sampling"),
+        ("data.time_sampling.scale=0", "scale > 0"),
+        ("data.time_sampling.mode=1", "kind, loc, scale"),
+    ]:
         sets = [override] if "kind" in override else ["data.time_sampling.kind=logit_normal", override]
         with pytest.raises(RecipeError, match=message):
             load_recipe("stage2", sets)
@@ -170,13 +186,16 @@ def test_lr_multipliers_scale_whole_groups_and_are_checked():
     ratios = {round(g["lr"] / g["initial_lr"], 12) for g in opt.param_groups}
     assert len(ratios) == 1
     assert torch.isfinite(torch.tensor([g["lr"] for g in opt.param_groups])).all()
-    for override, message in [("train.lr_multipliers.projector=0.1", "unknown group 'projector'"),
-                              ("train.lr_multipliers.llm=0", "must be a number > 0"),
-                              ("train.lr_multipliers.llm=fast", "must be a number > 0")]:
+    for override, message in [
+        ("train.lr_multipliers.projector=0.1", "unknown group 'projector'"),
+        ("train.lr_multipliers.llm=0", "must be a number > 0"),
+        ("train.lr_multipliers.llm=fast", "must be a number > 0"),
+    ]:
         with pytest.raises(RecipeError, match=message):
             load_recipe("stage2", [override])
 
 
+@pytest.mark.slow
 def test_init_und_projector_scale_and_the_bundled_model_as_a_start(tmp_path):
     import torch
 
@@ -188,7 +207,9 @@ def test_init_und_projector_scale_and_the_bundled_model_as_a_start(tmp_path):
     config = model_config(recipe)
     processor = build_processor(recipe, config)
     scaled = build_model(recipe, processor.special, config)
-    plain = build_model(load_recipe("tiny-shapes-follow", ["init.und_projector_scale=1"]), processor.special, config)
+    plain = build_model(
+        load_recipe("tiny-shapes-follow", ["init.und_projector_scale=1"]), processor.special, config
+    )
     a, b = scaled.model.und_projector.mlp[-1], plain.model.und_projector.mlp[-1]
     assert torch.allclose(a.weight, 0.05 * b.weight) and torch.allclose(a.bias, 0.05 * b.bias)
     first = plain.model.und_projector.mlp[0]
@@ -197,6 +218,7 @@ def test_init_und_projector_scale_and_the_bundled_model_as_a_start(tmp_path):
         load_recipe("tiny-shapes-follow", ["init.und_projector_scale=0"])
 
 
+@pytest.mark.slow
 def test_the_scratch_recipe_keeps_the_bundled_vae_and_vision_tower_and_trains_the_rest_with_the_fix():
     """tiny-shapes-scratch (run 1 of the issue #18 retraining): the und_projector at 0.01x the lr, flat
     backgrounds and the L1 rung for most generation samples, the bundled VAE and vision tower as its only
@@ -221,9 +243,14 @@ def test_the_scratch_recipe_keeps_the_bundled_vae_and_vision_tower_and_trains_th
     model = build_model(recipe, build_processor(recipe, config).special, config)
     bundled = load_state_dict(BUNDLED_DIR)
     ours = model.state_dict()
-    for name in ("model.vae_model.decoder.conv_in.weight", "model.vision_representation.embeddings.patch_embedding.weight"):
+    for name in (
+        "model.vae_model.decoder.conv_in.weight",
+        "model.vision_representation.embeddings.patch_embedding.weight",
+    ):
         assert torch.equal(ours[name], bundled[name].float()), name
-    assert not torch.equal(ours["model.und_projector.mlp.0.weight"], bundled["model.und_projector.mlp.0.weight"].float())
+    assert not torch.equal(
+        ours["model.und_projector.mlp.0.weight"], bundled["model.und_projector.mlp.0.weight"].float()
+    )
 
 
 def test_every_packaged_recipe_loads():

@@ -1,4 +1,5 @@
-"""Training data: sample rules (t, dummy image, CFG dropout), collation, mixing, positions, corrupt samples, shards."""
+"""Training data: sample rules (t, dummy image, CFG dropout), collation, mixing, positions, corrupt samples,
+shards."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from cheers.data.collate import collate
+from cheers.data.loader import CorruptDataError, CorruptTracker, Layout, MicroBatches, Mixture
+from cheers.data.samples import SampleBuilder
+from cheers.data.shapes_source import ShapesSource
+from cheers.data.shards import ShardSource, jsonl_to_shards
+from cheers.data.sources import CorruptSample, JsonlSource
 from cheers.models.sequence import IGNORE_INDEX
-from cheers.training.collate import collate
-from cheers.training.data import CorruptDataError, CorruptTracker, Layout, MicroBatches, Mixture
-from cheers.training.samples import SampleBuilder
-from cheers.training.shapes_source import ShapesSource
-from cheers.training.shards import ShardSource, jsonl_to_shards
-from cheers.training.sources import CorruptSample, JsonlSource
 from test_training_fixtures import SIZE, one_thread, tiny_processor, write_data  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,12 +63,20 @@ def test_cfg_dropout_rewrites_generation_ids_only(data):
     dropped = always(*_source(data, "gen").load(1), seed=3)
     assert dropped.cfg_dropped and torch.equal(dropped.labels, plain.labels)
     assert torch.equal(dropped.input_ids, proc.cfg_dropout_ids(plain.input_ids))
-    assert set(dropped.input_ids.tolist()) <= {proc.special.no_mean, proc.special.im_start, proc.special.im_end,
-                                               proc.special.image_gen_marker}
+    assert set(dropped.input_ids.tolist()) <= {
+        proc.special.no_mean,
+        proc.special.im_start,
+        proc.special.im_end,
+        proc.special.image_gen_marker,
+    }
     und = always(*_source(data, "und").load(1), seed=3)
     assert not und.cfg_dropped  # understanding samples are never dropped
-    rate = np.mean([SampleBuilder(proc, LATENT, 0.2)(*_source(data, "gen").load(0), seed=s).cfg_dropped
-                    for s in range(200)])
+    rate = np.mean(
+        [
+            SampleBuilder(proc, LATENT, 0.2)(*_source(data, "gen").load(0), seed=s).cfg_dropped
+            for s in range(200)
+        ]
+    )
     assert 0.12 < rate < 0.28
 
 
@@ -76,7 +85,9 @@ def test_time_sampling_of_generation_images(data):
 
     proc = tiny_processor()
     record = _source(data, "gen").load(0)
-    noisy = SampleBuilder(proc, LATENT, 0.0, time_sampling={"kind": "logit_normal", "loc": -1.5, "scale": 0.5})
+    noisy = SampleBuilder(
+        proc, LATENT, 0.0, time_sampling={"kind": "logit_normal", "loc": -1.5, "scale": 0.5}
+    )
     times = torch.cat([noisy(*record, seed=s).t for s in range(400)])
     assert 0.12 < float(times.median()) < 0.25 and float(times.max()) < 0.6  # sigmoid(-1.5) = 0.18
     uniform = torch.cat([SampleBuilder(proc, LATENT, 0.0)(*record, seed=s).t for s in range(400)])
@@ -95,7 +106,9 @@ def test_collate_pads_right_and_keeps_image_order(data):
     assert batch.input_ids.shape == (3, max(lengths))
     for b, n in enumerate(lengths):
         assert batch.attention_mask[b].tolist() == [1] * n + [0] * (max(lengths) - n)
-        assert (batch.input_ids[b, n:] == proc.special.pad).all() and (batch.labels[b, n:] == IGNORE_INDEX).all()
+        assert (batch.input_ids[b, n:] == proc.special.pad).all() and (
+            batch.labels[b, n:] == IGNORE_INDEX
+        ).all()
     assert torch.equal(batch.t, torch.cat([s.t for s in samples]))  # 1 + 2 + 1 images, row by row
     assert batch.pixel_values.shape[0] == 4 and torch.equal(batch.x0[1:3], samples[1].x0)
 
@@ -115,14 +128,26 @@ def test_positions_do_not_depend_on_the_number_of_processes():
     def step_positions(world, micro):
         accumulation = 8 // (world * micro)
         layouts = [Layout(micro, accumulation, world, r) for r in range(world)]
-        return sorted(p for layout in layouts for a in range(accumulation) for p in layout.positions(2 * accumulation + a))
+        return sorted(
+            p
+            for layout in layouts
+            for a in range(accumulation)
+            for p in layout.positions(2 * accumulation + a)
+        )
 
     assert step_positions(1, 1) == step_positions(2, 2) == step_positions(4, 1) == list(range(16, 24))
 
 
 def _dataset(sources, ratios, proc, **kw):
-    return MicroBatches(sources, ratios, SampleBuilder(proc, LATENT, 0.2),
-                        functools.partial(collate, pad_id=proc.special.pad), Layout(2, 1), seed=0, **kw)
+    return MicroBatches(
+        sources,
+        ratios,
+        SampleBuilder(proc, LATENT, 0.2),
+        functools.partial(collate, pad_id=proc.special.pad),
+        Layout(2, 1),
+        seed=0,
+        **kw,
+    )
 
 
 def test_corrupt_samples_are_skipped_counted_and_replaced(data, tmp_path):
@@ -153,7 +178,9 @@ def test_corrupt_samples_are_skipped_counted_and_replaced(data, tmp_path):
         tracker.check(max_fraction=0.1, grace=0)
     tracker.check(max_fraction=0.1, grace=1000)  # not judged before the grace count
     (tmp_path / "all-bad.jsonl").write_text("{oops\n[1, 2]\n")
-    hopeless = _dataset([JsonlSource(tmp_path / "all-bad.jsonl", name="x")], [1], tiny_processor(), max_retries=3)
+    hopeless = _dataset(
+        [JsonlSource(tmp_path / "all-bad.jsonl", name="x")], [1], tiny_processor(), max_retries=3
+    )
     with pytest.raises(CorruptDataError, match="all corrupt"):
         hopeless[0]
 
@@ -210,7 +237,11 @@ def test_shapes_source_can_serve_a_ladder_rung_and_a_flat_world():
     for i in range(6):  # a flat background: the corner (never covered by an object) is one colour
         _, (image,) = flat.load(i)
         corner = np.asarray(image)[:6, :6].reshape(-1, 3)
-        assert (corner == corner[0]).all() and parse_image(np.asarray(image)).background in ("gray", "white", "black")
+        assert (corner == corner[0]).all() and parse_image(np.asarray(image)).background in (
+            "gray",
+            "white",
+            "black",
+        )
     with pytest.raises(ValueError, match="task: generation"):
         ShapesSource("understanding", size=4, options={"rung": "L1"})
     with pytest.raises(ValueError, match="unknown ladder rung"):

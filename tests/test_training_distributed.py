@@ -18,8 +18,13 @@ from cheers.models.pretrained import from_pretrained
 from cheers.training.loop import Trainer
 from test_training_fixtures import one_thread, tiny_processor, tiny_recipe, write_data  # noqa: F401
 
-SETS = {"train.steps": 3, "train.micro_batch": 1, "train.global_batch": 4, "checkpoint.export": True,
-        "data.cfg_dropout": 0.5}
+SETS = {
+    "train.steps": 3,
+    "train.micro_batch": 1,
+    "train.global_batch": 4,
+    "checkpoint.export": True,
+    "data.cfg_dropout": 0.5,
+}
 
 
 def _free_port() -> int:
@@ -38,7 +43,9 @@ def _worker(rank: int, world: int, root: str, strategy: str, ports: list[int]) -
     recipe = tiny_recipe(root, files, **SETS, **{"engine.strategy": strategy})
     run = root / strategy
     os.environ["MASTER_PORT"] = str(ports[0])
-    first = Trainer(recipe, run, processor=tiny_processor(), stop_after=2).run()  # steps 1-2, then a checkpoint
+    first = Trainer(
+        recipe, run, processor=tiny_processor(), stop_after=2
+    ).run()  # steps 1-2, then a checkpoint
     os.environ["MASTER_PORT"] = str(ports[1])
     second = Trainer(recipe, run, processor=tiny_processor(), resume=True).run()  # step 3 from the checkpoint
     if rank == 0:
@@ -50,7 +57,9 @@ def _two_processes(tmp_path, strategy: str):
     mp.spawn(_worker, args=(2, str(tmp_path), strategy, [_free_port(), _free_port()]), nprocs=2, join=True)
     history = json.loads((tmp_path / strategy / "history.json").read_text())
     files = {k: tmp_path / f"{k}.jsonl" for k in ("und", "gen", "text", "edit")}
-    single = Trainer(tiny_recipe(tmp_path, files, **SETS), tmp_path / "single", processor=tiny_processor()).run()
+    single = Trainer(
+        tiny_recipe(tmp_path, files, **SETS), tmp_path / "single", processor=tiny_processor()
+    ).run()
     return history, single
 
 
@@ -66,6 +75,7 @@ def _compare(history, single, tmp_path, strategy):
         torch.testing.assert_close(exported[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_fsdp2_on_two_gloo_processes_resumes_and_matches_one_process(tmp_path):
     history, single = _two_processes(tmp_path, "fsdp")
@@ -87,20 +97,38 @@ def _budget_worker(rank: int, world: int, root: str, port: int) -> None:
     from cheers.training import optim
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     if rank == 1:  # this process's clock runs 3x fast: left alone it would fit a third of rank 0's steps
         start = time.monotonic()
-        optim.time = type("FastClock", (), {"monotonic": staticmethod(lambda: start + 3 * (time.monotonic() - start))})
+        optim.time = type(
+            "FastClock", (), {"monotonic": staticmethod(lambda: start + 3 * (time.monotonic() - start))}
+        )
     root = Path(root)
     files = {k: root / f"{k}.jsonl" for k in ("und", "gen", "text", "edit")}
-    recipe = tiny_recipe(root, files, **{**SETS, "train.steps": 100_000, "train.minutes": 0.04,
-                                         "checkpoint.every": 0, "engine.strategy": "ddp"})
+    recipe = tiny_recipe(
+        root,
+        files,
+        **{
+            **SETS,
+            "train.steps": 100_000,
+            "train.minutes": 0.04,
+            "checkpoint.every": 0,
+            "engine.strategy": "ddp",
+        },
+    )
     result = Trainer(recipe, root / "budget", processor=tiny_processor()).run()
-    (root / f"budget-rank{rank}.json").write_text(json.dumps({"step": result.step,
-                                                               "exported": result.export_dir is not None}))
+    (root / f"budget-rank{rank}.json").write_text(
+        json.dumps({"step": result.step, "exported": result.export_dir is not None})
+    )
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_a_time_budget_stops_every_process_at_rank_0s_step(tmp_path):
     write_data(tmp_path)

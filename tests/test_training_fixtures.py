@@ -48,23 +48,45 @@ def write_data(root: Path, n: int = 6) -> dict[str, Path]:
         for i in range(n):
             if task == "und":
                 name = _image(images / f"und{i}.png", i)
-                rec = {"id": f"und{i}", "image": name, "conversations": [
-                    {"from": "human", "value": f"{IMAGE}\nDescribe the image."},
-                    {"from": "gpt", "value": "A red cube on a blue sphere." if i % 2 else "There are two cats."}]}
+                rec = {
+                    "id": f"und{i}",
+                    "image": name,
+                    "conversations": [
+                        {"from": "human", "value": f"{IMAGE}\nDescribe the image."},
+                        {
+                            "from": "gpt",
+                            "value": "A red cube on a blue sphere." if i % 2 else "There are two cats.",
+                        },
+                    ],
+                }
             elif task == "gen":
                 name = _image(images / f"gen{i}.png", 100 + i)
-                rec = {"id": f"gen{i}", "image": name, "conversations": [
-                    {"from": "human", "value": ("An apple." if i % 2 else "A red cube.") + GEN_SUFFIX},
-                    {"from": "gpt", "value": IMAGE_GEN}]}
+                rec = {
+                    "id": f"gen{i}",
+                    "image": name,
+                    "conversations": [
+                        {"from": "human", "value": ("An apple." if i % 2 else "A red cube.") + GEN_SUFFIX},
+                        {"from": "gpt", "value": IMAGE_GEN},
+                    ],
+                }
             elif task == "text":
-                rec = {"id": f"text{i}", "conversations": [
-                    {"from": "human", "value": "What color is the cube?"},
-                    {"from": "gpt", "value": "The cube is red." if i % 2 else "Make the sky green."}]}
+                rec = {
+                    "id": f"text{i}",
+                    "conversations": [
+                        {"from": "human", "value": "What color is the cube?"},
+                        {"from": "gpt", "value": "The cube is red." if i % 2 else "Make the sky green."},
+                    ],
+                }
             else:
                 src, tgt = _image(images / f"src{i}.png", 200 + i), _image(images / f"tgt{i}.png", 300 + i)
-                rec = {"id": f"edit{i}", "image": f"{src}, {tgt}", "conversations": [
-                    {"from": "human", "value": f"{IMAGE}\nMake the sky green."},
-                    {"from": "gpt", "value": IMAGE_GEN}]}
+                rec = {
+                    "id": f"edit{i}",
+                    "image": f"{src}, {tgt}",
+                    "conversations": [
+                        {"from": "human", "value": f"{IMAGE}\nMake the sky green."},
+                        {"from": "gpt", "value": IMAGE_GEN},
+                    ],
+                }
             lines.append(json.dumps(rec))
         path = root / f"{task}.jsonl"
         path.write_text("\n".join(lines) + "\n")
@@ -78,16 +100,45 @@ def tiny_recipe(root: Path, files: dict[str, Path], stage: str = "custom", **set
         "stage": stage,
         "out": str(root / "run"),
         "model": {"preset": "tiny", "overrides": {"vision.image_size": SIZE}},
-        "data": {"sources": [
-            {"name": "und", "kind": "jsonl", "task": "understanding", "ratio": 1, "path": str(files["und"]),
-             "image_root": str(root / "images")},
-            {"name": "gen", "kind": "jsonl", "task": "generation", "ratio": 1, "path": str(files["gen"]),
-             "image_root": str(root / "images")},
-            {"name": "text", "kind": "jsonl", "task": "text", "ratio": 1, "path": str(files["text"]),
-             "image_root": str(root / "images")},
-        ], "num_workers": 0, "corrupt_grace": 0, "max_corrupt_fraction": 0.5},
-        "train": {"trainable": ["und_projector", "llm", "flow_head", "hfi_gate"], "lr": 1e-3, "steps": 3,
-                  "micro_batch": 2, "global_batch": 4, "warmup_ratio": 0.0},
+        "data": {
+            "sources": [
+                {
+                    "name": "und",
+                    "kind": "jsonl",
+                    "task": "understanding",
+                    "ratio": 1,
+                    "path": str(files["und"]),
+                    "image_root": str(root / "images"),
+                },
+                {
+                    "name": "gen",
+                    "kind": "jsonl",
+                    "task": "generation",
+                    "ratio": 1,
+                    "path": str(files["gen"]),
+                    "image_root": str(root / "images"),
+                },
+                {
+                    "name": "text",
+                    "kind": "jsonl",
+                    "task": "text",
+                    "ratio": 1,
+                    "path": str(files["text"]),
+                    "image_root": str(root / "images"),
+                },
+            ],
+            "num_workers": 0,
+            "corrupt_grace": 0,
+            "max_corrupt_fraction": 0.5,
+        },
+        "train": {
+            "trainable": ["und_projector", "llm", "flow_head", "hfi_gate"],
+            "lr": 1e-3,
+            "steps": 3,
+            "micro_batch": 2,
+            "global_batch": 4,
+            "warmup_ratio": 0.0,
+        },
         "engine": {"device": "cpu"},
         "checkpoint": {"every": 0, "export": False},
         "log": {"every": 1, "progress": False, "tensorboard": False},

@@ -1,5 +1,5 @@
-"""The training loop on one CPU process: every stage end to end, overfitting, exact resume, atomic checkpoints,
-export, hooks and metrics."""
+"""The training loop on one CPU process: every stage end to end, overfitting, exact resume, atomic
+checkpoints, export, hooks and metrics."""
 
 from __future__ import annotations
 
@@ -10,18 +10,13 @@ import math
 import pytest
 import torch
 
+from cheers.eval.train_hooks import recipe_hooks, shapes_prompt_gain_fn, shapes_sample_fn, shapes_score_fn
 from cheers.models.cheers import Cheers
 from cheers.models.pretrained import from_pretrained
 from cheers.processor import CheersProcessor
 from cheers.training import checkpointing
 from cheers.training.config import load_recipe
-from cheers.training.hooks import (
-    SampleImages,
-    Score,
-    shapes_prompt_gain_fn,
-    shapes_sample_fn,
-    shapes_score_fn,
-)
+from cheers.training.hooks import SampleImages, Score
 from cheers.training.loop import Trainer, train
 from cheers.training.monitor import read_metrics
 from cheers.training.parts import build_model
@@ -39,17 +34,36 @@ def data(tmp_path_factory):
 
 
 def _stage_recipe(name: str, root, files, run_dir):
-    """A packaged stage recipe pointed at the tiny model and tiny data (keeping its groups, lr and mixture)."""
+    """A packaged stage recipe pointed at the tiny model and tiny data (keeping its groups, lr and
+    mixture)."""
     recipe = load_recipe(name)
-    sets = {"model.preset": "tiny", "model.overrides": {"vision.image_size": SIZE}, "init.llm": None,
-            "init.vision": None, "init.vae": None, "init.from_release": None, "train.steps": 2,
-            "train.micro_batch": 2, "train.global_batch": 4, "data.num_workers": 0, "checkpoint.every": 0,
-            "checkpoint.export": False, "log.progress": False, "log.tensorboard": False, "engine.device": "cpu",
-            "out": str(run_dir)}
+    sets = {
+        "model.preset": "tiny",
+        "model.overrides": {"vision.image_size": SIZE},
+        "init.llm": None,
+        "init.vision": None,
+        "init.vae": None,
+        "init.from_release": None,
+        "train.steps": 2,
+        "train.micro_batch": 2,
+        "train.global_batch": 4,
+        "data.num_workers": 0,
+        "checkpoint.every": 0,
+        "checkpoint.export": False,
+        "log.progress": False,
+        "log.tensorboard": False,
+        "engine.device": "cpu",
+        "out": str(run_dir),
+    }
     for i, source in enumerate(recipe.data.sources):
         task = {"understanding": "und", "generation": "gen", "text": "text", "editing": "edit"}[source.task]
-        sets.update({f"data.sources.{i}.kind": "jsonl", f"data.sources.{i}.path": str(files[task]),
-                     f"data.sources.{i}.image_root": str(root / "images")})
+        sets.update(
+            {
+                f"data.sources.{i}.kind": "jsonl",
+                f"data.sources.{i}.path": str(files[task]),
+                f"data.sources.{i}.image_root": str(root / "images"),
+            }
+        )
     return load_recipe(name, sets)
 
 
@@ -63,37 +77,72 @@ def test_each_stage_runs_end_to_end(stage, data, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="cheers.training.loop"):
         result = Trainer(recipe, processor=processor, model=model).run()
     assert result.step == 2 and len(result.history) == 2
-    assert all(math.isfinite(h["loss"]) and h["image_loss"] > 0 and h["text_loss"] > 0 for h in result.history)
-    assert "trainable und_projector" in caplog.text and "trainable vae                        0" in caplog.text
+    assert all(
+        math.isfinite(h["loss"]) and h["image_loss"] > 0 and h["text_loss"] > 0 for h in result.history
+    )
+    assert (
+        "trainable und_projector" in caplog.text and "trainable vae                        0" in caplog.text
+    )
     trained = set(recipe.train.trainable)
     for name, value in model.state_dict().items():
-        group = next(g for g, ps in Cheers.PARAMETER_GROUPS.items() if any(name.startswith(p + ".") for p in ps))
+        group = next(
+            g for g, ps in Cheers.PARAMETER_GROUPS.items() if any(name.startswith(p + ".") for p in ps)
+        )
         if group not in trained or ".head." in name or value.dtype == torch.long:
             assert torch.equal(value, before[name]), f"stage {stage} changed frozen {name}"
-    changed = {g for g in trained if any(not torch.equal(model.state_dict()[n], before[n])
-                                         for n in before if n.startswith(Cheers.PARAMETER_GROUPS[g]))}
-    assert changed == trained - {"hfi_gate"} or changed == trained  # the zero-init gate may need a step to move
+    changed = {
+        g
+        for g in trained
+        if any(
+            not torch.equal(model.state_dict()[n], before[n])
+            for n in before
+            if n.startswith(Cheers.PARAMETER_GROUPS[g])
+        )
+    }
+    assert (
+        changed == trained - {"hfi_gate"} or changed == trained
+    )  # the zero-init gate may need a step to move
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_overfitting_a_fixed_batch_lowers_the_loss(data, tmp_path):
     root, files = data
     one = tmp_path / "one.jsonl"
     one.write_text(files["und"].read_text().splitlines()[1] + "\n")
-    recipe = tiny_recipe(root, files, **{"data.sources": [{"name": "und", "kind": "jsonl", "task": "understanding",
-                                                           "path": str(one), "image_root": str(root / "images")}],
-                                         "train.steps": 20, "train.global_batch": 2, "train.lr": 1e-2,
-                                         "train.trainable": ["und_projector", "llm", "flow_head"]})
+    recipe = tiny_recipe(
+        root,
+        files,
+        **{
+            "data.sources": [
+                {
+                    "name": "und",
+                    "kind": "jsonl",
+                    "task": "understanding",
+                    "path": str(one),
+                    "image_root": str(root / "images"),
+                }
+            ],
+            "train.steps": 20,
+            "train.global_batch": 2,
+            "train.lr": 1e-2,
+            "train.trainable": ["und_projector", "llm", "flow_head"],
+        },
+    )
     losses = [h["loss"] for h in train(recipe, tmp_path / "run", processor=tiny_processor()).history]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.25 * losses[0]
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 17
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(data, tmp_path):
     root, files = data
-    recipe = tiny_recipe(root, files, **{"train.steps": 6, "train.warmup_ratio": 0.2, "train.schedule": "cosine",
-                                         "data.cfg_dropout": 0.5})
+    recipe = tiny_recipe(
+        root,
+        files,
+        **{"train.steps": 6, "train.warmup_ratio": 0.2, "train.schedule": "cosine", "data.cfg_dropout": 0.5},
+    )
     straight = Trainer(recipe, tmp_path / "a", processor=tiny_processor()).run()
     first = Trainer(recipe, tmp_path / "b", processor=tiny_processor(), stop_after=3).run()
     assert first.step == 3 and checkpointing.latest_checkpoint(tmp_path / "b").name == "step-00000003"
@@ -148,13 +197,17 @@ def test_export_round_trips_through_from_pretrained(data, tmp_path):
     assert CheersProcessor.from_pretrained(result.export_dir).special == processor.special
 
 
+@pytest.mark.slow
 def test_hooks_save_samples_and_log_scores(data, tmp_path):
     root, files = data
     recipe = tiny_recipe(root, files, **{"train.steps": 2, "train.global_batch": 2})
     calls = []
-    hooks = [SampleImages(2, shapes_sample_fn(count=2, steps=2)), Score(2, shapes_score_fn(count=2, steps=2)),
-             Score(2, shapes_prompt_gain_fn(count=2, times=(0.5,))),
-             Score(1, lambda ctx: calls.append((ctx.step, ctx.model.training)) or {"custom": 1.0})]
+    hooks = [
+        SampleImages(2, shapes_sample_fn(count=2, steps=2)),
+        Score(2, shapes_score_fn(count=2, steps=2)),
+        Score(2, shapes_prompt_gain_fn(count=2, times=(0.5,))),
+        Score(1, lambda ctx: calls.append((ctx.step, ctx.model.training)) or {"custom": 1.0}),
+    ]
     result = Trainer(recipe, tmp_path / "run", processor=tiny_processor(), hooks=hooks).run()
     assert calls == [(1, False), (2, False)]  # eval mode inside hooks
     assert (tmp_path / "run" / "samples" / "step-00000002.png").is_file()
@@ -162,6 +215,22 @@ def test_hooks_save_samples_and_log_scores(data, tmp_path):
     assert len(scores) == 1 and 0.0 <= scores[0]["shapes_geneval"] <= 1.0
     assert math.isfinite(scores[0]["shapes_prompt_gain"])
     assert any("custom" in r for r in read_metrics(tmp_path / "run"))
+
+
+def test_recipe_hooks_follow_the_log_section(data):
+    """``cheers train`` passes these: the ShapesWorld hooks of log.sample_every / log.score_every, none
+    otherwise."""
+    shapes = load_recipe("tiny-shapes", ["log.sample_every=5", "log.score_every=7"])
+    assert [(type(h).__name__, h.every) for h in recipe_hooks(shapes)] == [
+        ("SampleImages", 5),
+        ("Score", 7),
+        ("Score", 7),
+    ]
+    assert recipe_hooks(load_recipe("tiny-shapes", ["log.sample_every=0", "log.score_every=0"])) == []
+    root, files = data
+    assert (
+        recipe_hooks(tiny_recipe(root, files, **{"log.sample_every": 5, "log.score_every": 7})) == []
+    )  # jsonl
 
 
 def test_monitor_writes_jsonl_and_tensorboard_when_available(tmp_path):
@@ -187,18 +256,29 @@ def test_monitor_writes_jsonl_and_tensorboard_when_available(tmp_path):
 
 
 def test_too_many_corrupt_samples_stop_the_run(data, tmp_path):
-    from cheers.training.data import CorruptDataError
+    from cheers.data.loader import CorruptDataError
 
     root, files = data
     lines = files["gen"].read_text().splitlines()
     bad = tmp_path / "half-bad.jsonl"
     bad.write_text("\n".join(line if i % 2 else "{broken" for i, line in enumerate(lines)) + "\n")
-    sources = [{"name": "gen", "kind": "jsonl", "task": "generation", "path": str(bad),
-                "image_root": str(root / "images")}]
-    tolerant = tiny_recipe(root, files, **{"data.sources": sources, "train.steps": 2, "data.max_corrupt_fraction": 0.8})
+    sources = [
+        {
+            "name": "gen",
+            "kind": "jsonl",
+            "task": "generation",
+            "path": str(bad),
+            "image_root": str(root / "images"),
+        }
+    ]
+    tolerant = tiny_recipe(
+        root, files, **{"data.sources": sources, "train.steps": 2, "data.max_corrupt_fraction": 0.8}
+    )
     result = Trainer(tolerant, tmp_path / "ok", processor=tiny_processor()).run()  # skipped and replaced
     assert result.step == 2 and result.history[-1]["corrupt"] > 0
-    strict = tiny_recipe(root, files, **{"data.sources": sources, "train.steps": 2, "data.max_corrupt_fraction": 0.05})
+    strict = tiny_recipe(
+        root, files, **{"data.sources": sources, "train.steps": 2, "data.max_corrupt_fraction": 0.05}
+    )
     with pytest.raises(CorruptDataError, match="max_corrupt_fraction"):
         Trainer(strict, tmp_path / "strict", processor=tiny_processor()).run()
 
@@ -217,11 +297,27 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypa
 
     monkeypatch.setattr(Cheers, "_training_losses", poisoned)
     bad_calls = {2}  # one poisoned micro-batch: its step is skipped, the run goes on
-    recipe = tiny_recipe(root, files, **{"train.steps": 4, "train.global_batch": 2, "train.micro_batch": 2, "train.max_nonfinite_steps": 2})
+    recipe = tiny_recipe(
+        root,
+        files,
+        **{"train.steps": 4, "train.global_batch": 2, "train.micro_batch": 2, "train.max_nonfinite_steps": 2},
+    )
     history = train(recipe, tmp_path / "a", processor=tiny_processor()).history
     assert [h["skipped"] for h in history] == [0, 1, 0, 0]
     assert all(math.isfinite(h["loss"]) for i, h in enumerate(history) if i != 1)
     calls["n"], bad_calls = 0, set(range(1, 100))  # every step poisoned: stops after 2 skipped in a row
     with pytest.raises(FloatingPointError, match="max_nonfinite_steps=2"):
-        train(tiny_recipe(root, files, **{"train.steps": 6, "train.global_batch": 2, "train.micro_batch": 2, "train.max_nonfinite_steps": 2}),
-              tmp_path / "b", processor=tiny_processor())
+        train(
+            tiny_recipe(
+                root,
+                files,
+                **{
+                    "train.steps": 6,
+                    "train.global_batch": 2,
+                    "train.micro_batch": 2,
+                    "train.max_nonfinite_steps": 2,
+                },
+            ),
+            tmp_path / "b",
+            processor=tiny_processor(),
+        )

@@ -1,4 +1,5 @@
-"""Starting points: separate pretrained parts (Qwen2, SigLIP, a VAE) mapped strictly onto our names, and stage 0."""
+"""Starting points: separate pretrained parts (Qwen2, SigLIP, a VAE) mapped strictly onto our names, and
+stage 0."""
 
 from __future__ import annotations
 
@@ -27,14 +28,29 @@ from test_training_fixtures import SIZE, one_thread, tiny_processor  # noqa: F40
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = preset("tiny").replace(**{"vision.image_size": SIZE})
-TEXT = dict(vocab_size=512, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=True)
-VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6, image_size=SIZE,
-              patch_size=16)
+TEXT = dict(
+    vocab_size=512,
+    hidden_size=32,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+VISION = dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    image_size=SIZE,
+    patch_size=16,
+)
 
 
 def _recipe(**init):
-    return recipe_from_dict({"model": {"preset": "tiny", "overrides": {"vision.image_size": SIZE}}, "init": init})
+    return recipe_from_dict(
+        {"model": {"preset": "tiny", "overrides": {"vision.image_size": SIZE}}, "init": init}
+    )
 
 
 def _save_parts(root, causal=True, full_siglip=True):
@@ -42,8 +58,18 @@ def _save_parts(root, causal=True, full_siglip=True):
     llm = (Qwen2ForCausalLM if causal else Qwen2Model)(Qwen2Config(**TEXT))
     llm.save_pretrained(root / "llm")
     if full_siglip:
-        vision = SiglipModel(SiglipConfig(vision_config=VISION, text_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)))
+        vision = SiglipModel(
+            SiglipConfig(
+                vision_config=VISION,
+                text_config=dict(
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    vocab_size=64,
+                ),
+            )
+        )
     else:
         vision = SiglipVisionModel(SiglipVisionConfig(**VISION))
     vision.save_pretrained(root / "vision")
@@ -58,8 +84,10 @@ def _save_parts(root, causal=True, full_siglip=True):
 @pytest.mark.parametrize("causal,full_siglip", [(True, True), (False, False)])
 def test_separate_parts_map_onto_our_names(tmp_path, causal, full_siglip):
     llm, vision, vae = _save_parts(tmp_path, causal, full_siglip)
-    model = build_model(_recipe(llm=str(tmp_path / "llm"), vision=str(tmp_path / "vision"), vae=str(tmp_path / "vae")),
-                        tiny_processor().special)
+    model = build_model(
+        _recipe(llm=str(tmp_path / "llm"), vision=str(tmp_path / "vision"), vae=str(tmp_path / "vae")),
+        tiny_processor().special,
+    )
     ours = model.state_dict()
     lm = llm.model if causal else llm
     for name, value in lm.state_dict().items():
@@ -93,12 +121,25 @@ def test_parts_are_checked_strictly(tmp_path):
 
 
 def test_stage_zero_trains_the_vae_fits_statistics_and_seeds_the_pixel_decoder(tmp_path):
-    recipe = load_recipe("stage0_vae", {
-        "model.preset": "tiny", "model.overrides": {"vision.image_size": SIZE}, "data.sources.0.size": 32,
-        "data.num_workers": 0,
-        "train.steps": 3, "train.micro_batch": 2, "train.global_batch": 4, "vae.fit_samples": 6,
-        "checkpoint.every": 0, "log.every": 1, "log.progress": False, "log.tensorboard": False,
-        "engine.device": "cpu", "out": str(tmp_path / "run")})
+    recipe = load_recipe(
+        "stage0_vae",
+        {
+            "model.preset": "tiny",
+            "model.overrides": {"vision.image_size": SIZE},
+            "data.sources.0.size": 32,
+            "data.num_workers": 0,
+            "train.steps": 3,
+            "train.micro_batch": 2,
+            "train.global_batch": 4,
+            "vae.fit_samples": 6,
+            "checkpoint.every": 0,
+            "log.every": 1,
+            "log.progress": False,
+            "log.tensorboard": False,
+            "engine.device": "cpu",
+            "out": str(tmp_path / "run"),
+        },
+    )
     vae_dir = train_vae(recipe)
     tensors = ckpt.load_state_dict(vae_dir)
     assert {k.split(".")[0] for k in tensors} == {"vae_model", "vae_decoder_projector"}
@@ -113,8 +154,8 @@ def test_stage_zero_trains_the_vae_fits_statistics_and_seeds_the_pixel_decoder(t
 
 
 def test_vae_and_vision_tower_from_a_release_directory_leave_the_rest_fresh(tmp_path):
-    """init.vae / init.vision naming a whole model in the release layout take only that part's tensors (how the
-    bundled model's retraining keeps its VAE and vision tower: ``default``)."""
+    """init.vae / init.vision naming a whole model in the release layout take only that part's tensors (how
+    the bundled model's retraining keeps its VAE and vision tower: ``default``)."""
     from cheers.assets import default_model_dir
     from cheers.models.cheers import Cheers
     from cheers.models.pretrained import save_pretrained
@@ -133,5 +174,7 @@ def test_vae_and_vision_tower_from_a_release_directory_leave_the_rest_fresh(tmp_
             assert torch.equal(value, theirs[name]), name
         else:  # the LLM, projectors and flow head start as a model built without init
             assert torch.equal(value, fresh[name]), name
-    assert not torch.equal(ours["model.und_projector.mlp.0.weight"], theirs["model.und_projector.mlp.0.weight"])
+    assert not torch.equal(
+        ours["model.und_projector.mlp.0.weight"], theirs["model.und_projector.mlp.0.weight"]
+    )
     assert part_dir("default") == str(default_model_dir()) and part_dir("some/dir") == "some/dir"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cheers.generation import StaticDecoder, extend, generate, prefill, to_static
+from cheers.sampling import ImageSampling
 
 from model_helpers import TINY_SPECIAL, image_hungry_model, t2i_prompt, tiny_model
 
@@ -18,8 +19,10 @@ def model():
 
 
 def padded_understanding_prompts():
-    rows = [[S.chat_start, S.im_start, S.image_marker, S.im_end, *words, S.chat_end, S.newline, S.chat_start]
-            for words in ([40, 41, 42, 43, 44], [50])]
+    rows = [
+        [S.chat_start, S.im_start, S.image_marker, S.im_end, *words, S.chat_end, S.newline, S.chat_start]
+        for words in ([40, 41, 42, 43, 44], [50])
+    ]
     width = max(map(len, rows))
     ids, mask = torch.full((2, width), S.pad), torch.zeros(2, width, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -40,15 +43,22 @@ def test_static_decode_steps_match_the_dynamic_ones(model):
             b = extend(model, static, embeds, active, bidirectional=False)
             assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
             token = model.lm_head(a[:, -1]).argmax(-1)
-        assert static.length == dynamic.length and torch.equal(static.key_valid[:, : static.length],
-                                                                dynamic.key_valid)
+        assert static.length == dynamic.length and torch.equal(
+            static.key_valid[:, : static.length], dynamic.key_valid
+        )
         with pytest.raises(RuntimeError, match="static KV cache is full"):
-            extend(model, static, model.model.language_model.embed_tokens(token[:, None]).expand(-1, 3, -1),
-                   active, bidirectional=False)
+            extend(
+                model,
+                static,
+                model.model.language_model.embed_tokens(token[:, None]).expand(-1, 3, -1),
+                active,
+                bidirectional=False,
+            )
 
 
 def test_static_decoder_buffers_give_extend_with_one_token(model):
-    """The fixed-buffer step (what a CUDA graph replays) against extend, with a row inactive and a crop between."""
+    """The fixed-buffer step (what a CUDA graph replays) against extend, with a row inactive and a crop
+    between."""
     ids, mask, images = padded_understanding_prompts()
     with torch.no_grad():
         plain = to_static(model, prefill(model, ids, mask, images), 40)
@@ -78,7 +88,7 @@ def test_static_decoder_buffers_give_extend_with_one_token(model):
 def test_cuda_graph_decoding_is_refused_off_cuda(model):
     ids, mask, images = padded_understanding_prompts()
     with pytest.raises(ValueError, match="CUDA device"):
-        generate(model, ids, mask, images, max_length=4, latent_grid=(4, 4), cuda_graph=True)
+        generate(model, ids, mask, images, max_new_tokens=5, latent_grid=(4, 4), cuda_graph=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -86,18 +96,22 @@ def test_cuda_graph_decoding_gives_the_same_answers(model):
     ids, mask, images = padded_understanding_prompts()
     gpu = model.cuda()
     try:
-        kw = dict(max_length=12, latent_grid=(4, 4))
-        assert generate(gpu, ids.cuda(), mask.cuda(), images.cuda(), cuda_graph=True, **kw).sequences == \
-            generate(gpu, ids.cuda(), mask.cuda(), images.cuda(), **kw).sequences
+        kw = dict(max_new_tokens=13, latent_grid=(4, 4))
+        assert (
+            generate(gpu, ids.cuda(), mask.cuda(), images.cuda(), cuda_graph=True, **kw).sequences
+            == generate(gpu, ids.cuda(), mask.cuda(), images.cuda(), **kw).sequences
+        )
     finally:
         model.cpu()
 
 
 def test_generate_with_a_static_cache_gives_the_same_answers(model):
     ids, mask, images = padded_understanding_prompts()
-    kw = dict(max_length=12, latent_grid=(4, 4))
-    assert generate(model, ids, mask, images, static_cache=True, **kw).sequences == \
-        generate(model, ids, mask, images, **kw).sequences
+    kw = dict(max_new_tokens=13, latent_grid=(4, 4))
+    assert (
+        generate(model, ids, mask, images, static_cache=True, **kw).sequences
+        == generate(model, ids, mask, images, **kw).sequences
+    )
 
 
 def test_static_cache_through_images_guidance_and_intervals():
@@ -106,8 +120,12 @@ def test_static_cache_through_images_guidance_and_intervals():
     noise = torch.randn(1, 32, 4, 4, generator=torch.Generator().manual_seed(0))
     dummy = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     for interval in (None, (0.0, 0.6)):  # (0, 0.6): the last evaluation of each image is conditional only
-        kw = dict(num_inference_steps=2, cfg_scale=2.0, max_length=2 * 4 + 1, latents=noise,
-                  guidance_interval=interval, generator=torch.Generator().manual_seed(1))
+        kw = dict(
+            image_sampling=ImageSampling(2, guidance_scale=2.0, guidance_interval=interval),
+            max_new_tokens=2 * 4 + 2,
+            latents=noise,
+            generator=torch.Generator().manual_seed(1),
+        )
         dyn = generate(biased, t2i_prompt([5]), None, dummy, **kw)
         kw["generator"] = torch.Generator().manual_seed(1)
         sta = generate(biased, t2i_prompt([5]), None, dummy, static_cache=True, **kw)
@@ -122,5 +140,7 @@ def test_pipeline_chat_with_a_static_cache():
     pipe = tiny_pipeline(seed=5)
     image = torch.rand(3, 64, 64)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-    assert pipe.chat(msgs, images=[image], max_new_tokens=5, static_cache=True).token_ids == \
-        pipe.chat(msgs, images=[image], max_new_tokens=5).token_ids
+    assert (
+        pipe.chat(msgs, images=[image], max_new_tokens=5, static_cache=True).token_ids
+        == pipe.chat(msgs, images=[image], max_new_tokens=5).token_ids
+    )

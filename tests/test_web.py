@@ -1,4 +1,5 @@
-"""The web demo: its handlers called directly, the `cheers web` parser, and the app driven in headless Chromium.
+"""The web demo: its handlers called directly, the `cheers web` parser, and the app driven in headless
+Chromium.
 
 The browser test needs gradio, selenium, and Chromium with its driver (Debian: ``apt-get install chromium
 chromium-driver``); without them it is skipped. Set ``CHEERS_WEB_SCREENSHOT=path.png`` to also keep a
@@ -50,7 +51,7 @@ def photo(path: Path) -> Path:
     return path
 
 
-# -- the command-line parser ----------------------------------------------------------------------------------
+# -- the command-line parser ---------------------------------------------------------------------------------
 def parse(argv):
     parser = argparse.ArgumentParser(prog="cheers")
     add_web_parser(parser.add_subparsers(dest="command", required=True))
@@ -61,33 +62,57 @@ def test_web_parser_binds_localhost_by_default():
     args = parse(["web"])
     assert (args.host, args.port, args.model, args.share) == (DEFAULT_HOST, 7860, "default", False)
     assert args.func is cmd_web and args.max_concurrency == 1
-    args = parse(["web", "--model", "ckpt", "--port", "8001", "--host", "0.0.0.0", "--device", "cpu",
-                  "--dtype", "bfloat16"])
-    assert (args.model, args.port, args.host, args.device, args.dtype) == ("ckpt", 8001, "0.0.0.0", "cpu", "bfloat16")
+    args = parse(
+        [
+            "web",
+            "--model",
+            "ckpt",
+            "--port",
+            "8001",
+            "--host",
+            "0.0.0.0",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
+    assert (args.model, args.port, args.host, args.device, args.dtype) == (
+        "ckpt",
+        8001,
+        "0.0.0.0",
+        "cpu",
+        "bfloat16",
+    )
     for bad in (["web", "--port", "0"], ["web", "--port", "70000"], ["web", "--max-concurrency", "0"]):
         with pytest.raises(SystemExit):
             parse(bad)
 
 
-# -- handlers, called directly --------------------------------------------------------------------------------
+# -- handlers, called directly -------------------------------------------------------------------------------
 def test_generate_handler_returns_image_and_settings(handlers):
     image, settings = handlers.generate("two red circles", "", 2, 2.0, 0.5, 7, 128, 64)
     assert isinstance(image, Image.Image) and image.size == (128, 64)
     assert settings["prompt"] == "two red circles" and settings["seed"] == 7
     assert settings["num_inference_steps"] == 2 and settings["negative_prompt"] is None
-    again, _ = handlers.generate("two red circles", "", 2.0, 2.0, 0.5, 7.0, 128, 64)  # Gradio numbers as floats
+    again, _ = handlers.generate(
+        "two red circles", "", 2.0, 2.0, 0.5, 7.0, 128, 64
+    )  # Gradio numbers as floats
     assert np.array_equal(np.asarray(image), np.asarray(again))
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("red", "", 0, 2.0, 0.5, 0, 128, 128), "steps must be an integer in [1, 8]"),
-    (("red", "", 9, 2.0, 0.5, 0, 128, 128), "steps must be an integer in [1, 8]"),
-    (("red", "", 1.5, 2.0, 0.5, 0, 128, 128), "steps must be an integer"),
-    (("red", "", 2, 2.0, 0.5, -1, 128, 128), "seed must be an integer"),
-    (("  ", "", 2, 2.0, 0.5, 0, 128, 128), "prompt must not be empty"),
-    (("red", "", 2, 2.0, 0.5, 0, 100, 128), "width must be a multiple of 32"),
-    (("red", "", 2, -1.0, 0.5, 0, 128, 128), "guidance_scale must be a number"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("red", "", 0, 2.0, 0.5, 0, 128, 128), "steps must be an integer in [1, 8]"),
+        (("red", "", 9, 2.0, 0.5, 0, 128, 128), "steps must be an integer in [1, 8]"),
+        (("red", "", 1.5, 2.0, 0.5, 0, 128, 128), "steps must be an integer"),
+        (("red", "", 2, 2.0, 0.5, -1, 128, 128), "seed must be an integer"),
+        (("  ", "", 2, 2.0, 0.5, 0, 128, 128), "prompt must not be empty"),
+        (("red", "", 2, 2.0, 0.5, 0, 100, 128), "width must be a multiple of 32"),
+        (("red", "", 2, -1.0, 0.5, 0, 128, 128), "guidance_scale must be a number"),
+    ],
+)
 def test_bad_generate_input_raises_gr_error_with_the_message(handlers, args, message):
     import gradio as gr
 
@@ -121,10 +146,24 @@ def test_chat_handler_streams_and_keeps_the_conversation(handlers, pipe, tmp_pat
     turns = list(handlers.chat("What is in the picture?", str(image), None, 6, 1.0, 3))
     display, state, textbox, image_after = turns[-1]
     assert textbox == "" and image_after is None  # the box and the image are cleared for the next message
-    assert [m["role"] for m in display] == ["user", "user", "assistant"]  # the image, the question, the answer
-    expected = pipe.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}],
-                         images=[Image.open(image)], max_new_tokens=6, do_sample=True, temperature=1.0,
-                         generator=torch.Generator().manual_seed(3)).texts[0]
+    assert [m["role"] for m in display] == [
+        "user",
+        "user",
+        "assistant",
+    ]  # the image, the question, the answer
+    expected = pipe.chat(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
+            }
+        ],
+        images=[Image.open(image)],
+        max_new_tokens=6,
+        do_sample=True,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(3),
+    ).texts[0]
     assert display[-1]["content"] == (expected or EMPTY_ANSWER)
     assert len(state["messages"]) == 2 and len(state["images"]) == 1
     # a second turn sees the first; a failed turn leaves the conversation unchanged
@@ -160,12 +199,18 @@ def test_gate_strip_and_means():
         gate_strip(torch.zeros(4, 4))
 
 
-# -- the app in a real browser --------------------------------------------------------------------------------
+# -- the app in a real browser -------------------------------------------------------------------------------
 def _browser_paths() -> tuple[str, str]:
-    browser = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
-    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+    browser = next(
+        (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None
+    )
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None
+    )
     if browser is None or driver is None:
-        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)"
+        )
     return browser, driver
 
 
@@ -184,8 +229,14 @@ def browser():
     binary, driver_path = _browser_paths()
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1000", "--disable-extensions"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1000",
+        "--disable-extensions",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(30)
@@ -198,8 +249,9 @@ def served(pipe):
     pytest.importorskip("gradio")
     from cheers.web import launch
 
-    demo = launch(pipe, port=_free_port(), prevent_thread_lock=True, quiet=True, max_new_tokens=12,
-                  max_file_size="1mb")
+    demo = launch(
+        pipe, port=_free_port(), prevent_thread_lock=True, quiet=True, max_new_tokens=12, max_file_size="1mb"
+    )
     yield demo
     demo.close()
 
@@ -213,7 +265,9 @@ def test_served_demo_is_local_and_caps_uploads(served, tmp_path):
     url = served.local_url.rstrip("/")
     assert url.startswith("http://127.0.0.1:")
     png = photo(tmp_path / "p.png").read_bytes()
-    ok = httpx.post(f"{url}{API_PREFIX}/upload", files={"files": ("../../../../tmp/evil.png", png)}, timeout=30)
+    ok = httpx.post(
+        f"{url}{API_PREFIX}/upload", files={"files": ("../../../../tmp/evil.png", png)}, timeout=30
+    )
     assert ok.status_code == 200, ok.text
     stored = Path(ok.json()[0]).resolve()
     assert stored.is_relative_to(_upload_folder()) and stored.name == "evil.png"  # the name's path is dropped
@@ -226,7 +280,9 @@ def _shown_image(driver, elem_id: str):
     return driver.execute_script(
         "const img = document.querySelector(arguments[0] + ' img');"
         "return img && img.getAttribute('src') && img.complete && img.naturalWidth > 0"
-        "  ? [img.naturalWidth, img.naturalHeight] : null;", f"#{elem_id}")
+        "  ? [img.naturalWidth, img.naturalHeight] : null;",
+        f"#{elem_id}",
+    )
 
 
 @pytest.mark.slow
@@ -269,13 +325,25 @@ def test_demo_in_headless_chromium(browser, served, pipe, tmp_path):
         text = bots[-1].text.strip() if bots else ""
         return text if text and text != "…" else None
 
-    expected = pipe.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}],
-                         images=[Image.open(tmp_path / "photo.png")], max_new_tokens=12, do_sample=True,
-                         temperature=1.0, generator=torch.Generator().manual_seed(0)).texts[0]
+    expected = pipe.chat(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
+            }
+        ],
+        images=[Image.open(tmp_path / "photo.png")],
+        max_new_tokens=12,
+        do_sample=True,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+    ).texts[0]
     wait.until(answer)
     time.sleep(0.5)  # let the last streamed piece render
     shown = answer(browser)
-    assert shown != EMPTY_ANSWER and expected.strip(), "sampling should give the tiny model a non-empty answer"
+    assert shown != EMPTY_ANSWER and expected.strip(), (
+        "sampling should give the tiny model a non-empty answer"
+    )
     assert "".join(shown.split()) == "".join(expected.split())  # the streamed answer, whitespace aside
     browser.save_screenshot(str(tmp_path / "chat.png"))
 
@@ -295,7 +363,9 @@ def test_demo_in_headless_chromium(browser, served, pipe, tmp_path):
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#edit-button")).click()
     wait.until(lambda d: "please upload an image" in d.find_element(By.TAG_NAME, "body").text)
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
-    browser.find_element(By.CSS_SELECTOR, "#edit-source input[type=file]").send_keys(str(tmp_path / "photo.png"))
+    browser.find_element(By.CSS_SELECTOR, "#edit-source input[type=file]").send_keys(
+        str(tmp_path / "photo.png")
+    )
     wait.until(lambda d: _shown_image(d, "edit-source"))
     browser.find_element(By.CSS_SELECTOR, "#edit-instruction textarea").send_keys("make it blue")
     browser.find_element(By.CSS_SELECTOR, "#edit-button").click()

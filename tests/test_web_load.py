@@ -60,6 +60,7 @@ def counted(pipe, meter: InFlight):
         def call(*args, **kwargs):
             with meter:
                 return fn(*args, **kwargs)
+
         return call
 
     def streamed(*args, **kwargs):
@@ -87,8 +88,16 @@ def server(pipe, meter, tmp_path_factory):
     cache = root / "srv" / "nested" / "cache"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADIO_TEMP_DIR", str(cache))
-        demo = launch(pipe, port=None, prevent_thread_lock=True, quiet=True, max_new_tokens=8,
-                      max_file_size="1mb", max_concurrency=MAX_CONCURRENCY, max_queue=16)
+        demo = launch(
+            pipe,
+            port=None,
+            prevent_thread_lock=True,
+            quiet=True,
+            max_new_tokens=8,
+            max_file_size="1mb",
+            max_concurrency=MAX_CONCURRENCY,
+            max_queue=16,
+        )
         try:
             assert demo.local_url.startswith("http://127.0.0.1:")
             yield {"demo": demo, "url": demo.local_url.rstrip("/"), "root": root, "cache": cache}
@@ -98,7 +107,9 @@ def server(pipe, meter, tmp_path_factory):
 
 def photo(path: Path, size=(40, 30)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.random.default_rng(0).random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(path)
+    Image.fromarray((np.random.default_rng(0).random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(
+        path
+    )
     return path
 
 
@@ -125,6 +136,7 @@ def run_sessions(url: str, jobs: list, download_dir: Path) -> list:
     return results
 
 
+@pytest.mark.slow
 def test_concurrent_sessions_all_complete_within_the_concurrency_bound(server, meter, tmp_path):
     calls_before = meter.total
     meter.peak = 0
@@ -153,8 +165,12 @@ def test_concurrent_sessions_all_complete_within_the_concurrency_bound(server, m
     assert np.array_equal(images[0], images[1])  # same seed in two concurrent sessions: same image
     assert not np.array_equal(images[0], images[2])  # sessions do not share a generator
     for display, textbox, image in results[3:5]:
-        assert [m["role"] for m in display] == ["user", "user", "assistant"] and textbox == "" and image is None
-        assert display[-1]["content"]  # an answer (or the demo's empty-answer text), never the "…" placeholder
+        assert (
+            [m["role"] for m in display] == ["user", "user", "assistant"] and textbox == "" and image is None
+        )
+        assert display[-1][
+            "content"
+        ]  # an answer (or the demo's empty-answer text), never the "…" placeholder
     with Image.open(results[5]) as edited:
         assert edited.size == (128, 128)
 
@@ -162,6 +178,7 @@ def test_concurrent_sessions_all_complete_within_the_concurrency_bound(server, m
     assert meter.peak == MAX_CONCURRENCY  # the six sessions overlapped, and never more than the bound ran
 
 
+@pytest.mark.slow
 def test_a_full_queue_turns_visitors_away_and_the_server_recovers(pipe, meter, tmp_path, monkeypatch):
     meter.peak = 0
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
@@ -188,9 +205,13 @@ def test_oversized_uploads_are_refused(server, tmp_path):
     client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
     with pytest.raises(ValueError, match="exceeds the maximum file size"):  # the client checks first
         client.predict(handle_file(str(big)), "make it blue", 2, 2.0, 0, api_name="/edit")
-    refused = httpx.post(f"{url}{API_PREFIX}/upload", files={"files": ("big.png", big.read_bytes())}, timeout=30)
+    refused = httpx.post(
+        f"{url}{API_PREFIX}/upload", files={"files": ("big.png", big.read_bytes())}, timeout=30
+    )
     assert refused.status_code == 413  # a client that does not check is refused by the server
-    assert not any(p.stat().st_size > 1 << 20 for p in cache.rglob("*") if p.is_file())  # nothing partial kept
+    assert not any(
+        p.stat().st_size > 1 << 20 for p in cache.rglob("*") if p.is_file()
+    )  # nothing partial kept
     small = photo(tmp_path / "small.png")
     edited = client.predict(handle_file(str(small)), "make it blue", 2, 2.0, 0, api_name="/edit")
     assert Image.open(edited).size == (128, 128)  # the server still works
@@ -209,7 +230,9 @@ def test_no_file_is_written_or_read_outside_the_cache(server, tmp_path):
     png = photo(tmp_path / "p.png").read_bytes()
 
     # an upload named to climb out of the cache lands inside it, under its base name
-    uploaded = httpx.post(f"{url}{API_PREFIX}/upload", files={"files": (f"../../../{escape}.png", png)}, timeout=30)
+    uploaded = httpx.post(
+        f"{url}{API_PREFIX}/upload", files={"files": (f"../../../{escape}.png", png)}, timeout=30
+    )
     assert uploaded.status_code == 200, uploaded.text
     stored = Path(uploaded.json()[0]).resolve()
     assert stored.is_relative_to(cache.resolve()) and stored.name == f"{escape}.png"
@@ -220,7 +243,12 @@ def test_no_file_is_written_or_read_outside_the_cache(server, tmp_path):
     assert "event: complete" in ok
     secret = tmp_path / "secret.png"
     secret.write_bytes(png)
-    for path in ("/etc/passwd", secret, cache / ".." / ".." / ".." / "secret.png", f"{cache}/../../{escape}.png"):
+    for path in (
+        "/etc/passwd",
+        secret,
+        cache / ".." / ".." / ".." / "secret.png",
+        f"{cache}/../../{escape}.png",
+    ):
         answer = _call(url, "edit", [file(path), "make it blue", 2, 2.0, 0])
         assert "event: error" in answer and "event: complete" not in answer, path
         assert "root:" not in answer
@@ -232,6 +260,8 @@ def test_no_file_is_written_or_read_outside_the_cache(server, tmp_path):
 
     written = [p for p in root.rglob("*") if p.is_file()]
     assert written and all(p.resolve().is_relative_to(cache.resolve()) for p in written), written
-    outside = [p for p in tmp_path.parent.rglob(f"*{escape}*") if not p.resolve().is_relative_to(cache.resolve())]
+    outside = [
+        p for p in tmp_path.parent.rglob(f"*{escape}*") if not p.resolve().is_relative_to(cache.resolve())
+    ]
     assert not outside, outside
     assert not Path(f"/etc/{escape}.png").exists() and not Path(os.sep, f"{escape}.png").exists()

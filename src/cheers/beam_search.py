@@ -25,9 +25,17 @@ def _select_rows(state: LMState, rows: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def beam_search(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, *, num_beams: int = 4, max_new_tokens: int = 64,
-                length_penalty: float = 1.0, eos_token_id: int | None = None) -> list[list[int]]:
+def beam_search(
+    model: Cheers,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    num_beams: int = 4,
+    max_new_tokens: int = 64,
+    length_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+) -> list[list[int]]:
     """The best continuation of each prompt by beam search (score = sum log p / length^length_penalty).
 
     Args:
@@ -90,7 +98,11 @@ def beam_search(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Te
         state.last_logits = model.lm_head(hidden[:, -1])
     results = []
     for b in range(batch):
-        alive = [(s / (len(q) ** length_penalty), q) for s, q in zip(scores[b].tolist(), seqs[b]) if s > float("-inf")]
+        alive = [
+            (s / (len(q) ** length_penalty), q)
+            for s, q in zip(scores[b].tolist(), seqs[b])
+            if s > float("-inf")
+        ]
         pool = finished[b] or alive
         results.append(max(pool, key=lambda item: item[0])[1])
     return results

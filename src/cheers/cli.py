@@ -13,8 +13,9 @@ DEFAULT_OUT = "cheers-output.png"
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
-                   help="checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument(
+        "--model", default="default", help="checkpoint directory or hub id (default: the bundled model)"
+    )
     p.add_argument("--device", default="auto", help="cpu | cuda | mps | auto")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -23,7 +24,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _pipeline(args: argparse.Namespace):
     from cheers.pipeline import CheersPipeline
 
-    return CheersPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    return CheersPipeline.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, progress=not args.quiet
+    )
 
 
 def save_image(image, path: Path, metadata: dict[str, Any]) -> None:
@@ -45,15 +48,27 @@ def _generator(seed: int):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     pipe = _pipeline(args)
-    out = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                        guidance_scale=args.guidance, shift=args.shift, height=args.height, width=args.width,
-                        num_images_per_prompt=args.num_images, generator=_generator(args.seed),
-                        solver=args.solver, guidance_interval=args.guidance_interval)
+    out = pipe.generate(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        shift=args.shift,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        generator=_generator(args.seed),
+        solver=args.solver,
+        guidance_interval=args.guidance_interval,
+    )
     path = Path(args.out)
     for i, image in enumerate(out.images):
         target = path if len(out.images) == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
-        save_image(image, target, {"prompt": args.prompt, "seed": args.seed, "index": i, "model": args.model,
-                                   **out.settings})
+        save_image(
+            image,
+            target,
+            {"prompt": args.prompt, "seed": args.seed, "index": i, "model": args.model, **out.settings},
+        )
         print(target)
     return 0
 
@@ -62,11 +77,26 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from cheers.image_ops import load_image
 
     pipe = _pipeline(args)
-    out = pipe.edit(load_image(args.image), args.instruction, num_inference_steps=args.steps,
-                    guidance_scale=args.guidance, generator=_generator(args.seed), solver=args.solver,
-                    guidance_interval=args.guidance_interval)
-    save_image(out.images[0], Path(args.out), {"instruction": args.instruction, "image": args.image,
-                                               "seed": args.seed, "model": args.model, **out.settings})
+    out = pipe.edit(
+        load_image(args.image),
+        args.instruction,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=_generator(args.seed),
+        solver=args.solver,
+        guidance_interval=args.guidance_interval,
+    )
+    save_image(
+        out.images[0],
+        Path(args.out),
+        {
+            "instruction": args.instruction,
+            "image": args.image,
+            "seed": args.seed,
+            "model": args.model,
+            **out.settings,
+        },
+    )
     print(args.out)
     return 0
 
@@ -78,8 +108,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
     _check_cuda_graph(args, pipe)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
     said = False
-    for piece in pipe.chat(messages, images=[load_image(args.image)], max_new_tokens=args.max_new_tokens,
-                           stream=True, cuda_graph=args.cuda_graph):
+    for piece in pipe.chat(
+        messages,
+        images=[load_image(args.image)],
+        max_new_tokens=args.max_new_tokens,
+        stream=True,
+        cuda_graph=args.cuda_graph,
+    ):
         print(piece, end="", flush=True)
         said = said or bool(piece.strip())
     print("" if said else "(the model gave an empty answer)")
@@ -88,7 +123,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def _check_cuda_graph(args: argparse.Namespace, pipe) -> None:
     if args.cuda_graph and pipe.device.type != "cuda":
-        raise ValueError(f"--cuda-graph needs a CUDA device; the model is on {pipe.device.type!r} (--device cuda)")
+        raise ValueError(
+            f"--cuda-graph needs a CUDA device; the model is on {pipe.device.type!r} (--device cuda)"
+        )
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -109,7 +146,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if line.startswith("/image "):
             try:
-                pending.append(load_image(line[len("/image "):].strip()))
+                pending.append(load_image(line[len("/image ") :].strip()))
                 print(f"(image attached: {len(pending)} pending)")
             except ValueError as err:
                 print(f"error: {err}")
@@ -120,8 +157,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         images += pending
         pending = []
         history.append({"role": "user", "content": content})
-        answer = pipe.chat(history, images=images or None, max_new_tokens=args.max_new_tokens,
-                           cuda_graph=args.cuda_graph).texts[0]
+        answer = pipe.chat(
+            history, images=images or None, max_new_tokens=args.max_new_tokens, cuda_graph=args.cuda_graph
+        ).texts[0]
         print(f"cheers> {answer}")
         history.append({"role": "assistant", "content": answer})
 
@@ -134,8 +172,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     cfg = model.config
     print(f"model: {args.model}")
-    print(f"image size: {pipe.processor.image_size} px, latent {cfg.latent_channels} channels, "
-          f"patch {cfg.patch_size}")
+    print(
+        f"image size: {pipe.processor.image_size} px, latent {cfg.latent_channels} channels, "
+        f"patch {cfg.patch_size}"
+    )
     print(f"text: {cfg.text.num_hidden_layers} layers x {cfg.text.hidden_size}, vocab {cfg.text.vocab_size}")
     print(f"vision: {cfg.vision.num_hidden_layers} layers x {cfg.vision.hidden_size}")
     print(f"dtype: {dtype}, device: {pipe.device}, weights in memory: {nbytes / 2**20:.1f} MiB")
@@ -151,7 +191,8 @@ def bench_dir() -> Path:
 
 
 def bench_scripts() -> dict[str, Path]:
-    """Benchmark name -> script: ``bench/bench_X.py`` is ``X``, any other ``bench/Y.py`` is ``Y`` (``-`` for ``_``)."""
+    """Benchmark name -> script: ``bench/bench_X.py`` is ``X``, any other ``bench/Y.py`` is ``Y`` (``-`` for
+    ``_``)."""
     folder = bench_dir()
     scripts = sorted(folder.glob("*.py")) if folder.is_dir() else []
     return {f.stem.removeprefix("bench_").replace("_", "-"): f for f in scripts if not f.stem.startswith("_")}
@@ -162,7 +203,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     scripts = bench_scripts()
     if not scripts:
-        raise ValueError(f"no benchmark scripts in {bench_dir()}: they ship with the source checkout, not the wheel")
+        raise ValueError(
+            f"no benchmark scripts in {bench_dir()}: they ship with the source checkout, not the wheel"
+        )
     if args.name in (None, "list"):
         for name, path in scripts.items():
             print(f"{name:16s} {path}")
@@ -185,16 +228,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _solver_args(p: argparse.ArgumentParser) -> None:
     from cheers.sampling import SOLVERS
 
-    p.add_argument("--solver", choices=SOLVERS, default=None,
-                   help="flow ODE solver (default: the model's, normally the release's euler); multistep is "
-                        "2nd order at Euler's cost, heun/midpoint 2nd order at 2 evaluations per step")
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"), default=None,
-                   help="apply guidance only for t in [T_LO, T_HI] (t = 0 noise, 1 image); elsewhere the "
-                        "unconditional branch is skipped")
+    p.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        default=None,
+        help="flow ODE solver (default: the model's, normally the release's euler); multistep is "
+        "2nd order at Euler's cost, heun/midpoint 2nd order at 2 evaluations per step",
+    )
+    p.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("T_LO", "T_HI"),
+        default=None,
+        help="apply guidance only for t in [T_LO, T_HI] (t = 0 noise, 1 image); elsewhere the "
+        "unconditional branch is skipped",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cheers", description="Cheers: unified image understanding and generation")
+    parser = argparse.ArgumentParser(
+        prog="cheers", description="Cheers: unified image understanding and generation"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -204,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--shift", type=float, default=None, help="the release's time-shift alpha (<1: more steps near noise)")
+    p.add_argument(
+        "--shift", type=float, default=None, help="the release's time-shift alpha (<1: more steps near noise)"
+    )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
@@ -242,10 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("bench", help="run a benchmark script of bench/ (source checkout): cheers bench NAME [ARGS]",
-                       description="Runs bench/bench_NAME.py (or bench/NAME.py) with ARGS; 'cheers bench list' "
-                                   "lists them, 'cheers bench NAME --help' shows a script's options.")
-    p.add_argument("name", nargs="?", default=None, help="sampling, understanding, train, solver-curve, ... or list")
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark script of bench/ (source checkout): cheers bench NAME [ARGS]",
+        description="Runs bench/bench_NAME.py (or bench/NAME.py) with ARGS; 'cheers bench list' "
+        "lists them, 'cheers bench NAME --help' shows a script's options.",
+    )
+    p.add_argument(
+        "name", nargs="?", default=None, help="sampling, understanding, train, solver-curve, ... or list"
+    )
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
     p.set_defaults(func=cmd_bench)
 
@@ -268,6 +330,7 @@ OPTIONAL_COMMANDS = (
     ("eval", "cheers.eval.cli", "add_eval_parser", "eval"),
     ("plot", "cheers.eval.cli", "add_plot_parser", "eval"),
     ("ablate", "cheers.eval.cli", "add_ablate_parser", "eval"),
+    ("serve", "cheers.serve.cli", "add_serve_parser", "serve"),
 )
 """(command, module, the function that registers it, the extra that installs what it needs)."""
 
@@ -288,14 +351,19 @@ def _unavailable_command(sub, name: str, missing: str, extra: str | None) -> Non
 
 
 def _cuda_graph_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each text-decoding step from a CUDA graph (CUDA only; fastest single stream)")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each text-decoding step from a CUDA graph (CUDA only; fastest single stream)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback

@@ -3,8 +3,8 @@
 The release's ``config.json`` (``model_type: "umm"``) has four sub-configs. Any field a file omits takes the
 default of the release's ``configuration_umm.py``: the VAE defaults below, SigLIP's defaults for the vision
 tower, and the *7B-style* Qwen2 defaults for the text model (so a file that omits ``num_hidden_layers`` gets
-28 layers). Our own settings, which the release does not have, live in an optional ``"cheers"`` section that is
-only written when it differs from the defaults, so a released file round-trips unchanged in meaning.
+28 layers). Our own settings, which the release does not have, live in an optional ``"cheers"`` section that
+is only written when it differs from the defaults, so a released file round-trips unchanged in meaning.
 
 Presets: ``official`` (the released 2.57 B model), ``small`` (benchmarks) and ``tiny`` (CPU tests).
 """
@@ -13,59 +13,24 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cheers.dataclass_loader import StrictLoader
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or inconsistent."""
 
 
+_LOADER = StrictLoader(ConfigError, "config")  # JSON written by programs: types exactly as declared
+
+
 def _check_positive(owner: str, **values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{owner}.{name} must be a positive integer, got {value!r}")
-
-
-def _coerce(owner: str, name: str, annotation: str, value: Any) -> Any:
-    """Check ``value`` against a field's annotation (as written in this file); raise ConfigError naming it."""
-    optional = annotation.endswith("| None")
-    base = annotation.replace("| None", "").strip()
-    if value is None and optional:
-        return None
-    ok = True
-    if base == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        value = float(value) if ok else value
-    elif base == "bool":
-        ok = isinstance(value, bool)
-    elif base == "str":
-        ok = isinstance(value, str)
-    elif base == "dict":
-        ok = isinstance(value, dict)
-    elif base == "tuple[int, ...]":
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        value = tuple(value) if ok else value
-    if not ok:
-        raise ConfigError(f"{owner}.{name} must be {annotation}, got {value!r}")
-    return value
-
-
-def _from_dict(cls, data: dict[str, Any] | None, owner: str, ignored: frozenset[str] = frozenset()):
-    """Build dataclass ``cls`` from ``data``; unknown keys raise, ``ignored`` keys are dropped."""
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{owner} must be a JSON object, got {type(data).__name__}")
-    data = dict(data or {})
-    known = {f.name: f.type for f in fields(cls)}
-    unknown = sorted(set(data) - set(known) - ignored)
-    if unknown:
-        raise ConfigError(f"unknown key(s) in {owner}: {unknown}; known keys are {sorted(known)}")
-    kwargs = {k: _coerce(owner, k, known[k], v) for k, v in data.items() if k in known}
-    return cls(**kwargs)
 
 
 @dataclass
@@ -80,8 +45,14 @@ class VAEEncoderConfig:
     z_channels: int = 32
 
     def __post_init__(self) -> None:
-        _check_positive("vae_encoder_config", resolution=self.resolution, in_channels=self.in_channels,
-                        ch=self.ch, num_res_blocks=self.num_res_blocks, z_channels=self.z_channels)
+        _check_positive(
+            "vae_encoder_config",
+            resolution=self.resolution,
+            in_channels=self.in_channels,
+            ch=self.ch,
+            num_res_blocks=self.num_res_blocks,
+            z_channels=self.z_channels,
+        )
         if not self.ch_mult or any((not isinstance(m, int)) or m <= 0 for m in self.ch_mult):
             raise ConfigError(f"vae_encoder_config.ch_mult must be positive integers, got {self.ch_mult!r}")
 
@@ -92,7 +63,8 @@ class VAEEncoderConfig:
 
 @dataclass
 class VAEDecoderConfig(VAEEncoderConfig):
-    """A FLUX-style VAE decoder (``vae_decoder_config``); used by the VAE and by the tokenizer-side decoder."""
+    """A FLUX-style VAE decoder (``vae_decoder_config``); used by the VAE and by the tokenizer-side
+    decoder."""
 
     out_ch: int = 3
 
@@ -101,10 +73,32 @@ class VAEDecoderConfig(VAEEncoderConfig):
         _check_positive("vae_decoder_config", out_ch=self.out_ch)
 
 
-# Keys the release writes in its vision sub-config that configure nothing here.
+# Keys the release writes that configure nothing here: accepted by name, never "anything goes".
+_TOP_IGNORED = frozenset({"architectures", "auto_map", "transformers_version"})
+_ENCODER_IGNORED = frozenset({"out_ch"})  # a decoder setting an encoder section may repeat
 _VISION_IGNORED = frozenset({"model_type", "num_patches", "transformers_version", "torch_dtype"})
-_TEXT_IGNORED = frozenset({"model_type", "transformers_version", "torch_dtype", "architectures",
-                           "bos_token_id", "eos_token_id", "pad_token_id"})
+_TEXT_IGNORED = frozenset(
+    {
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "architectures",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    }
+)
+# The top-level keys that do configure something (``dtype``: newer transformers' name for ``torch_dtype``).
+_TOP_KEYS = (
+    "model_type",
+    "vae_encoder_config",
+    "vae_decoder_config",
+    "vision_representation_config",
+    "text_config",
+    "cheers",
+    "torch_dtype",
+    "dtype",
+)
 
 
 @dataclass
@@ -123,15 +117,25 @@ class VisionConfig:
     attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_positive("vision_representation_config", hidden_size=self.hidden_size,
-                        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
-                        num_attention_heads=self.num_attention_heads, image_size=self.image_size,
-                        patch_size=self.patch_size, num_channels=self.num_channels)
+        _check_positive(
+            "vision_representation_config",
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            num_channels=self.num_channels,
+        )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"vision hidden_size {self.hidden_size} is not divisible by "
-                              f"num_attention_heads {self.num_attention_heads}")
+            raise ConfigError(
+                f"vision hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
         if self.image_size % self.patch_size:
-            raise ConfigError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(
+                f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
 
     @property
     def num_patches(self) -> int:
@@ -162,17 +166,29 @@ class TextConfig:
     attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_positive("text_config", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
-                        num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads)
+        _check_positive(
+            "text_config",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+        )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"text hidden_size {self.hidden_size} is not divisible by "
-                              f"num_attention_heads {self.num_attention_heads}")
+            raise ConfigError(
+                f"text hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"text num_attention_heads {self.num_attention_heads} is not divisible by "
-                              f"num_key_value_heads {self.num_key_value_heads}")
+            raise ConfigError(
+                f"text num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
         if self.use_sliding_window:
-            raise ConfigError("text_config.use_sliding_window=True is not supported (the release uses full attention)")
+            raise ConfigError(
+                "text_config.use_sliding_window=True is not supported (the release uses full attention)"
+            )
 
 
 @dataclass
@@ -198,8 +214,13 @@ class CheersOptions:
     pixel_reconstruction: bool = True
 
     def __post_init__(self) -> None:
-        _check_positive("cheers", gen_head_depth=self.gen_head_depth, hi_head_depth=self.hi_head_depth,
-                        time_embed_dim=self.time_embed_dim, max_sequence_length=self.max_sequence_length)
+        _check_positive(
+            "cheers",
+            gen_head_depth=self.gen_head_depth,
+            hi_head_depth=self.hi_head_depth,
+            time_embed_dim=self.time_embed_dim,
+            max_sequence_length=self.max_sequence_length,
+        )
         if self.time_embed_dim % 2:
             raise ConfigError(f"cheers.time_embed_dim must be even, got {self.time_embed_dim}")
 
@@ -236,24 +257,33 @@ class CheersConfig:
         """Check the constraints the release relies on without saying so (reference §1)."""
         enc, dec, vis, txt = self.vae_encoder, self.vae_decoder, self.vision, self.text
         if enc.z_channels != dec.z_channels:
-            raise ConfigError(f"vae encoder z_channels {enc.z_channels} != decoder z_channels {dec.z_channels}")
+            raise ConfigError(
+                f"vae encoder z_channels {enc.z_channels} != decoder z_channels {dec.z_channels}"
+            )
         if dec.ch != 4 * enc.z_channels:
             raise ConfigError(
                 f"vae_decoder_config.ch ({dec.ch}) must equal 4 * z_channels ({4 * enc.z_channels}): the "
-                "hi_projector's output width is the decoder's ch, and it must be the latent width")
+                "hi_projector's output width is the decoder's ch, and it must be the latent width"
+            )
         if enc.downsample_factor != dec.downsample_factor:
-            raise ConfigError(f"vae encoder downsamples by {enc.downsample_factor} but the decoder upsamples by "
-                              f"{dec.downsample_factor}")
+            raise ConfigError(
+                f"vae encoder downsamples by {enc.downsample_factor} but the decoder upsamples by "
+                f"{dec.downsample_factor}"
+            )
         if enc.downsample_factor * 2 != vis.patch_size:
             raise ConfigError(
                 f"VAE downsampling ({enc.downsample_factor}) x 2x2 patchify must equal the ViT patch size "
-                f"({vis.patch_size}), otherwise the latent grid and the ViT grid disagree")
+                f"({vis.patch_size}), otherwise the latent grid and the ViT grid disagree"
+            )
         if vis.num_attention_heads % txt.num_key_value_heads:
             raise ConfigError(
                 f"the hi_projector uses the vision heads ({vis.num_attention_heads}) with the text KV heads "
-                f"({txt.num_key_value_heads}); the first must be divisible by the second")
+                f"({txt.num_key_value_heads}); the first must be divisible by the second"
+            )
         if (vis.image_size // vis.patch_size) % 2:
-            raise ConfigError(f"the ViT grid {vis.image_size // vis.patch_size} must be even (2x2 token merge)")
+            raise ConfigError(
+                f"the ViT grid {vis.image_size // vis.patch_size} must be even (2x2 token merge)"
+            )
 
     # -- release schema --------------------------------------------------------------------------------------
     @classmethod
@@ -264,24 +294,29 @@ class CheersConfig:
         model_type = data.get("model_type", "umm")
         if model_type != "umm":
             raise ConfigError(f"model_type is {model_type!r}; a Cheers config has model_type 'umm'")
-        top_known = {"vae_encoder_config", "vae_decoder_config", "vision_representation_config", "text_config",
-                     "cheers", "model_type", "architectures", "auto_map", "torch_dtype", "dtype",
-                     "transformers_version"}
-        unknown = sorted(set(data) - top_known)
-        if unknown:
-            raise ConfigError(f"unknown top-level key(s) in config: {unknown}")
-        text = dict(data.get("text_config") or {})
-        if not text.get("use_sliding_window", False):
-            text["sliding_window"] = None  # what transformers resolves, and what the release's model sees
+        _LOADER.check_keys(data, _TOP_KEYS, ignored=_TOP_IGNORED)
+        text = data.get("text_config")
+        text = {} if text is None else text
+        if isinstance(text, dict) and not text.get("use_sliding_window", False):
+            text = {
+                **text,
+                "sliding_window": None,
+            }  # what transformers resolves, and what the release's model sees
+        dtype = data.get("torch_dtype", data.get("dtype", "float32"))
         return cls(
-            vae_encoder=_from_dict(VAEEncoderConfig, data.get("vae_encoder_config"), "vae_encoder_config",
-                                   frozenset({"out_ch"})),
-            vae_decoder=_from_dict(VAEDecoderConfig, data.get("vae_decoder_config"), "vae_decoder_config"),
-            vision=_from_dict(VisionConfig, data.get("vision_representation_config"),
-                              "vision_representation_config", _VISION_IGNORED),
-            text=_from_dict(TextConfig, text, "text_config", _TEXT_IGNORED),
-            options=_from_dict(CheersOptions, data.get("cheers"), "cheers"),
-            torch_dtype=str(data.get("torch_dtype", data.get("dtype", "float32"))),
+            vae_encoder=_LOADER.build(
+                VAEEncoderConfig, data.get("vae_encoder_config"), "vae_encoder_config", _ENCODER_IGNORED
+            ),
+            vae_decoder=_LOADER.build(VAEDecoderConfig, data.get("vae_decoder_config"), "vae_decoder_config"),
+            vision=_LOADER.build(
+                VisionConfig,
+                data.get("vision_representation_config"),
+                "vision_representation_config",
+                _VISION_IGNORED,
+            ),
+            text=_LOADER.build(TextConfig, text, "text_config", _TEXT_IGNORED),
+            options=_LOADER.build(CheersOptions, data.get("cheers"), "cheers"),
+            torch_dtype=_LOADER.coerce(dtype, str, "torch_dtype"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,10 +325,12 @@ class CheersConfig:
         vision.update(model_type="umm", num_patches=self.vision.num_patches)
         out: dict[str, Any] = {
             "architectures": ["Cheers"],
-            "vae_encoder_config": {k: list(v) if isinstance(v, tuple) else v
-                                   for k, v in asdict(self.vae_encoder).items()},
-            "vae_decoder_config": {k: list(v) if isinstance(v, tuple) else v
-                                   for k, v in asdict(self.vae_decoder).items()},
+            "vae_encoder_config": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.vae_encoder).items()
+            },
+            "vae_decoder_config": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.vae_decoder).items()
+            },
             "vision_representation_config": vision,
             "text_config": asdict(self.text),
             "model_type": "umm",
@@ -334,18 +371,33 @@ class CheersConfig:
         return new
 
 
-# -- presets ---------------------------------------------------------------------------------------------------
+# -- presets -------------------------------------------------------------------------------------------------
+
 
 def _official() -> CheersConfig:
     vae = dict(resolution=512, in_channels=3, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=32)
     return CheersConfig(
         vae_encoder=VAEEncoderConfig(**vae),
         vae_decoder=VAEDecoderConfig(**vae, out_ch=3),
-        vision=VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                            image_size=512, patch_size=16),
-        text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                        sliding_window=None, max_window_layers=21),
+        vision=VisionConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=512,
+            patch_size=16,
+        ),
+        text=TextConfig(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            sliding_window=None,
+            max_window_layers=21,
+        ),
         torch_dtype="bfloat16",
     )
 
@@ -353,26 +405,60 @@ def _official() -> CheersConfig:
 def _small() -> CheersConfig:
     """A few hundred million FLOPs per step: large enough for benchmarks to mean something on a CPU."""
     return CheersConfig(
-        vae_encoder=VAEEncoderConfig(resolution=256, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16),
-        vae_decoder=VAEDecoderConfig(resolution=256, ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=16),
-        vision=VisionConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-                            image_size=256, patch_size=16),
-        text=TextConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                        sliding_window=None),
+        vae_encoder=VAEEncoderConfig(
+            resolution=256, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16
+        ),
+        vae_decoder=VAEDecoderConfig(
+            resolution=256, ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=16
+        ),
+        vision=VisionConfig(
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=6,
+            image_size=256,
+            patch_size=16,
+        ),
+        text=TextConfig(
+            vocab_size=1024,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            sliding_window=None,
+        ),
     )
 
 
 def _tiny() -> CheersConfig:
     """The shape of the public reference configuration A: 128 px, 8x8 grid, 16 LLM tokens per image."""
     return CheersConfig(
-        vae_encoder=VAEEncoderConfig(resolution=128, ch=32, ch_mult=(2, 1, 1, 1), num_res_blocks=1, z_channels=8),
-        vae_decoder=VAEDecoderConfig(resolution=128, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=8),
-        vision=VisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                            image_size=128, patch_size=16),
-        text=TextConfig(vocab_size=512, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                        sliding_window=None),
+        vae_encoder=VAEEncoderConfig(
+            resolution=128, ch=32, ch_mult=(2, 1, 1, 1), num_res_blocks=1, z_channels=8
+        ),
+        vae_decoder=VAEDecoderConfig(
+            resolution=128, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=8
+        ),
+        vision=VisionConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            image_size=128,
+            patch_size=16,
+        ),
+        text=TextConfig(
+            vocab_size=512,
+            hidden_size=32,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            sliding_window=None,
+        ),
     )
 
 
@@ -385,11 +471,25 @@ def _tiny_shapes() -> CheersConfig:
     return CheersConfig(
         vae_encoder=VAEEncoderConfig(**vae, ch_mult=(1, 2, 2, 2)),
         vae_decoder=VAEDecoderConfig(**vae, ch_mult=(1, 1, 2, 2)),
-        vision=VisionConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                            image_size=128, patch_size=16),
-        text=TextConfig(vocab_size=672, hidden_size=192, intermediate_size=512, num_hidden_layers=6,
-                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                        sliding_window=None, max_position_embeddings=2048),
+        vision=VisionConfig(
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=128,
+            patch_size=16,
+        ),
+        text=TextConfig(
+            vocab_size=672,
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            sliding_window=None,
+            max_position_embeddings=2048,
+        ),
         options=CheersOptions(max_sequence_length=512),
     )
 

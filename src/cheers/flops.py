@@ -1,10 +1,11 @@
 """FLOP counting for the benchmarks: ``torch.utils.flop_counter`` with grouped-query attention made countable.
 
-Some PyTorch releases' SDPA formula rejects ``enable_gqa=True`` calls whose key/value have fewer heads than the
-query ("query/key/value shapes are incompatible"). While counting, such calls run with key/value repeated to
-the query's heads: the same attention FLOPs the grouped call does, and the same result. The CPU kernel of
-SDPA and its backward, which FlopCounterMode has no formula for, are counted with the formulas of the GPU kernels,
-and oneDNN's in-place convolution with a fused add (``mkldnn._convolution_pointwise_``) as the convolution.
+Some PyTorch releases' SDPA formula rejects ``enable_gqa=True`` calls whose key/value have fewer heads than
+the query ("query/key/value shapes are incompatible"). While counting, such calls run with key/value repeated
+to the query's heads: the same attention FLOPs the grouped call does, and the same result. The CPU kernel of
+SDPA and its backward, which FlopCounterMode has no formula for, are counted with the formulas of the GPU
+kernels, and oneDNN's in-place convolution with a fused add (``mkldnn._convolution_pointwise_``) as the
+convolution.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args: Any, **kwargs: An
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
+def _sdpa_cpu_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args: Any, **kwargs: Any
+) -> int:
     return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -53,8 +56,10 @@ def _custom_mapping() -> dict[Any, Callable[..., int]]:
     fused = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
     if fused is not None:  # oneDNN's in-place convolution + add (the VAE decoder's scratch path)
         mapping[fused] = _conv_add_flop
-    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flop),
-                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward_flop)):
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flop),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward_flop),
+    ):
         op = getattr(torch.ops.aten, name, None)
         if op is not None:
             mapping[op] = formula
@@ -63,7 +68,8 @@ def _custom_mapping() -> dict[Any, Callable[..., int]]:
 
 @contextlib.contextmanager
 def counting_flops() -> Iterator[FlopCounterMode]:
-    """A FlopCounterMode (forward and backward) with grouped-query attention and the CPU SDPA kernels counted."""
+    """A FlopCounterMode (forward and backward) with grouped-query attention and the CPU SDPA kernels
+    counted."""
     with countable_gqa(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
         yield counter
 

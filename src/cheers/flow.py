@@ -1,6 +1,7 @@
 """The flow-matching convention of Cheers, written once.
 
-* Time runs from noise to data: ``t = 0`` is pure noise ``x0 ~ N(0, I)``, ``t = 1`` is the clean latent ``z1``.
+* Time runs from noise to data: ``t = 0`` is pure noise ``x0 ~ N(0, I)``, ``t = 1`` is the clean latent
+  ``z1``.
 * The path is linear: ``z_t = t·z1 + (1 − t)·x0``.
 * The network predicts the velocity ``u = dz_t/dt = z1 − x0``. Images seen at ``t = 1`` (understanding
   images) get the target 0, as in the release: ``u = (z1 − x0)·[t < 1]``.
@@ -8,7 +9,8 @@
 * The release's time shift ``shift(t) = α·t / (1 + (α − 1)·t)``; α = 1 is no shift, α < 1 spends more
   steps near t = 0 (the noise end). Diffusers' ``shift`` s (the SD3/FLUX convention on "sigma" = 1 − t)
   is the same map with α = 1/s.
-* Training draws t ~ U(0, 1) for generation images, clamped to [1e-6, 1 − 1e-6] (a logit-normal draw is opt-in).
+* Training draws t ~ U(0, 1) for generation images, clamped to [1e-6, 1 − 1e-6] (a logit-normal draw is
+  opt-in).
 """
 
 from __future__ import annotations
@@ -41,12 +43,19 @@ def time_shift(t: torch.Tensor, alpha: float) -> torch.Tensor:
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
-def sample_t(n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-             kind: str = "uniform", loc: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+def sample_t(
+    n: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    kind: str = "uniform",
+    loc: float = 0.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """Training times for generation images, clamped to [1e-6, 1 − 1e-6].
 
-    ``uniform`` (the release): U(0, 1). ``logit_normal`` (opt-in, SD3's): ``sigmoid(loc + scale·ε)``, ε ~ N(0, 1);
-    ``loc < 0`` puts more of the training on the noisy end (t near 0), where only the prompt says what to draw.
+    ``uniform`` (the release): U(0, 1). ``logit_normal`` (opt-in, SD3's): ``sigmoid(loc + scale·ε)``,
+    ε ~ N(0, 1); ``loc < 0`` puts more of the training on the noisy end (t near 0), where only the prompt says
+    what to draw.
     """
     if kind == "uniform":
         t = torch.rand(n, generator=generator, device=device)

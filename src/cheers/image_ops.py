@@ -282,7 +282,9 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             width, height = img.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed")
+                raise ValueError(
+                    f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed"
+                )
             if width == 0 or height == 0:
                 raise ValueError(f"{path} has zero size ({width}x{height})")
             img.load()

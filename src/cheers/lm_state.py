@@ -22,8 +22,8 @@ from cheers.models.cheers import Cheers
 class LMState:
     """The KV cache of R rows and, per row, which cached keys are real and the next position id.
 
-    With a dynamic cache (transformers' ``DynamicCache``, the default) the cache holds exactly T entries. With a
-    static one (``StaticCache``, :func:`to_static`) it is pre-allocated to a capacity, ``used`` entries are
+    With a dynamic cache (transformers' ``DynamicCache``, the default) the cache holds exactly T entries. With
+    a static one (``StaticCache``, :func:`to_static`) it is pre-allocated to a capacity, ``used`` entries are
     written and ``key_valid`` spans the capacity (False past ``used``).
     """
 
@@ -55,10 +55,12 @@ class LMState:
         self.next_pos = next_pos.clone()
 
     def first_rows(self, rows: int) -> LMState:
-        """A state over the first ``rows`` rows whose cache holds views of this one's keys and values (no copy).
+        """A state over the first ``rows`` rows whose cache holds views of this one's keys and values (no
+        copy).
 
-        Extending it leaves this state's metadata untouched; with a dynamic cache its tensors too, with a static
-        one the new entries are written into the shared memory, past this state's ``used`` (so masked here).
+        Extending it leaves this state's metadata untouched; with a dynamic cache its tensors too, with a
+        static one the new entries are written into the shared memory, past this state's ``used`` (so masked
+        here).
         """
         cache = copy.copy(self.cache)
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]
@@ -66,7 +68,9 @@ class LMState:
             layer.keys, layer.values = layer.keys[:rows], layer.values[:rows]  # basic slicing: views
             if self.static:
                 layer.cumulative_length = layer.cumulative_length.clone()
-        return LMState(cache, self.key_valid[:rows].clone(), self.next_pos[:rows], self.last_logits[:rows], self.used)
+        return LMState(
+            cache, self.key_valid[:rows].clone(), self.next_pos[:rows], self.last_logits[:rows], self.used
+        )
 
 
 def to_static(model: Cheers, state: LMState, capacity: int) -> LMState:
@@ -89,8 +93,13 @@ def to_static(model: Cheers, state: LMState, capacity: int) -> LMState:
     return LMState(cache, key_valid, state.next_pos, state.last_logits, used=state.length)
 
 
-def prefill(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            pixel_values: torch.Tensor | None, repeat_images: int = 1) -> LMState:
+def prefill(
+    model: Cheers,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    repeat_images: int = 1,
+) -> LMState:
     """Run the prompt (images at t = 1) and keep its cache; the last real position seeds decoding.
 
     ``repeat_images`` > 1 tokenizes ``pixel_values`` once and feeds the tokens to that many copies of the
@@ -109,8 +118,9 @@ def prefill(model: Cheers, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return LMState(out.past_key_values, asm.valid.clone(), asm.lengths.clone(), logits)
 
 
-def extend(model: Cheers, state: LMState, embeds: torch.Tensor, active: torch.Tensor,
-           bidirectional: bool) -> torch.Tensor:
+def extend(
+    model: Cheers, state: LMState, embeds: torch.Tensor, active: torch.Tensor, bidirectional: bool
+) -> torch.Tensor:
     """Append T new positions per row to the cache; returns their final hidden states (R, T, Dt).
 
     New tokens see every real cached key of their row and each other (all of them when ``bidirectional``,
@@ -128,15 +138,17 @@ def extend(model: Cheers, state: LMState, embeds: torch.Tensor, active: torch.Te
     if state.static:
         start = state.used
         if start + new > state.key_valid.shape[1]:
-            raise RuntimeError(f"the static KV cache is full: {start} + {new} > {state.key_valid.shape[1]} entries")
+            raise RuntimeError(
+                f"the static KV cache is full: {start} + {new} > {state.key_valid.shape[1]} entries"
+            )
         mask = past.clone()
-        mask[:, :, start:start + new] = block
+        mask[:, :, start : start + new] = block
         mask = mask[:, None]  # (R, 1, T, capacity)
     else:
         mask = torch.cat([past, block.expand(rows, -1, -1)], dim=-1)[:, None]  # (R, 1, T, P+T)
     out = model.run_language_model(embeds, mask, positions, state.cache, use_cache=True)
     if state.static:
-        state.key_valid[:, start:start + new] = active[:, None]
+        state.key_valid[:, start : start + new] = active[:, None]
         state.used = start + new
     else:
         state.key_valid = torch.cat([state.key_valid, active[:, None].expand(rows, new)], dim=1)
@@ -174,7 +186,9 @@ class StaticDecoder:
         self.graph_logits: torch.Tensor | None = None
 
     def _forward(self) -> torch.Tensor:
-        out = self.model.run_language_model(self.embeds, self.mask, self.positions, self.state.cache, use_cache=True)
+        out = self.model.run_language_model(
+            self.embeds, self.mask, self.positions, self.state.cache, use_cache=True
+        )
         return self.model.lm_head(out.last_hidden_state[:, -1])  # (R, V)
 
     def _capture(self) -> None:

@@ -23,8 +23,9 @@ from PIL import Image
 from cheers.generation import GenerationOutput, generate
 from cheers.models.cheers import Cheers
 from cheers.models.pretrained import from_pretrained, resolve_dtype
+from cheers.models.vae_fast import FastVAE, install_fast_vae
 from cheers.processor import CheersProcessor
-from cheers.sampling import check_guidance_interval, check_solver, edit_steps
+from cheers.sampling import ImageSampling, check_guidance_interval, check_solver, edit_steps
 from cheers.text_sampling import TextSampling
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,9 @@ class SamplingDefaults:
 
     def __post_init__(self) -> None:
         check_solver(self.solver)
-        self.guidance_interval = check_guidance_interval(self.guidance_interval)  # a JSON list becomes a tuple
+        self.guidance_interval = check_guidance_interval(
+            self.guidance_interval
+        )  # a JSON list becomes a tuple
 
 
 def format_prompt(template: str, prompt: str) -> str:
@@ -75,6 +78,10 @@ class ImagePipelineOutput:
 class ChatOutput:
     texts: list[str]
     token_ids: list[list[int]] = field(default_factory=list)
+
+
+class _StreamClosed(Exception):
+    """Raised inside the decoding loop when a streamed answer's reader has stopped reading."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -102,24 +109,38 @@ def _check_number(name: str, value: Any, low: float, high: float, integer: bool 
 class CheersPipeline:
     """Understanding, generation and editing with a Cheers model and its processor."""
 
-    def __init__(self, model: Cheers, processor: CheersProcessor, defaults: SamplingDefaults | None = None,
-                 progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: Cheers,
+        processor: CheersProcessor,
+        defaults: SamplingDefaults | None = None,
+        progress: bool = True,
+    ) -> None:
         if model.special is None:
             model.special = processor.special
         self.model, self.processor = model.eval(), processor
         self.defaults = defaults or SamplingDefaults()
         self.progress = progress
+        self.fast_vae: FastVAE | None = None  # see enable_fast_vae(); from_pretrained turns it on
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "auto",
-                        dtype: str | torch.dtype | None = None, progress: bool = True) -> CheersPipeline:
-        """Load a release-layout directory, a hub id (``ai9stars/Cheers``) or ``"default"`` (the bundled model).
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path = DEFAULT_MODEL,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype | None = None,
+        progress: bool = True,
+    ) -> CheersPipeline:
+        """Load a release-layout directory, a hub id (``ai9stars/Cheers``) or ``"default"`` (the bundled
+        model).
 
-        ``dtype`` defaults to the checkpoint's (bf16 for the release) on GPUs and to float32 on the CPU.
+        ``dtype`` defaults to the checkpoint's (bf16 for the release) on GPUs and to float32 on the CPU. The
+        VAE decoders' faster forms are on (:meth:`enable_fast_vae`).
         """
         dev = resolve_device(device)
         if str(name_or_path) == DEFAULT_MODEL:
@@ -138,19 +159,31 @@ class CheersPipeline:
         defaults = SamplingDefaults()
         if (directory / SAMPLING_DEFAULTS_FILE).exists():
             defaults = SamplingDefaults(**json.loads((directory / SAMPLING_DEFAULTS_FILE).read_text()))
-        return cls(model, processor, defaults, progress)
+        return cls(model, processor, defaults, progress).enable_fast_vae()
 
     # -- text-to-image ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 shift: float | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
-                 latents: torch.Tensor | None = None, output_type: str = "pil",
-                 callback_on_step_end: Callable[[int, float, torch.Tensor], None] | None = None,
-                 return_hfi_maps: bool = False, final_step: str = "release",
-                 prefix_image: str | None = "dummy", solver: str | None = None,
-                 guidance_interval: tuple[float, float] | None = None) -> ImagePipelineOutput:
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        *,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        shift: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        callback_on_step_end: Callable[[int, float, torch.Tensor], None] | None = None,
+        return_hfi_maps: bool = False,
+        final_step: str = "release",
+        prefix_image: str | None = "dummy",
+        solver: str | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+    ) -> ImagePipelineOutput:
         """Text-to-image.
 
         Args:
@@ -173,17 +206,11 @@ class CheersPipeline:
             guidance_interval: ``(t_lo, t_hi)``: guide only there (the unconditional branch is skipped
                 elsewhere); default: the model's (None: every step). ``(0, 1)`` guides everywhere.
         """
-        d = self.defaults
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        scale = d.guidance_scale if guidance_scale is None else guidance_scale
-        alpha = d.shift if shift is None else shift
-        solver = check_solver(d.solver if solver is None else solver)
-        interval = check_guidance_interval(d.guidance_interval if guidance_interval is None else guidance_interval)
         # 1. check inputs
+        settings = self._image_sampling(
+            num_inference_steps, guidance_scale, shift, solver, final_step, guidance_interval, edit=False
+        )
         prompts = self._prompt_list(prompt, "prompt")
-        _check_number("num_inference_steps", steps, 1, 10_000, integer=True)
-        _check_number("guidance_scale", scale, 0.0, 100.0)
-        _check_number("shift", alpha, 1e-3, 1e3)
         _check_number("num_images_per_prompt", num_images_per_prompt, 1, 64, integer=True)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -194,92 +221,178 @@ class CheersPipeline:
             raise ValueError(f"got {len(generator)} generators for {n} images")
         # 2. encode prompts (the release's chat template, then <im_start>)
         template = self.defaults.prompt_template
-        inputs = self._encode([[{"role": "user", "content": format_prompt(template, p)}] for p in expanded],
-                              "generate", prefix_image, generator)
+        inputs = self._encode(
+            [[{"role": "user", "content": format_prompt(template, p)}] for p in expanded],
+            "generate",
+            prefix_image,
+            generator,
+        )
         uncond = None
         if negative_prompt is not None:
             negs = self._prompt_list(negative_prompt, "negative_prompt")
             negs = negs * len(prompts) if len(negs) == 1 else negs
             if len(negs) != len(prompts):
                 raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-            uncond = self._encode([[{"role": "user", "content": format_prompt(template, p)}]
-                                   for p in negs for _ in range(num_images_per_prompt)],
-                                  "generate", prefix_image, generator)
+            uncond = self._encode(
+                [
+                    [{"role": "user", "content": format_prompt(template, p)}]
+                    for p in negs
+                    for _ in range(num_images_per_prompt)
+                ],
+                "generate",
+                prefix_image,
+                generator,
+            )
         # 3. prepare latents
         if latents is not None:
             expect = (n, self.model.config.latent_channels, *grid)
             if tuple(latents.shape) != expect:
                 raise ValueError(f"latents must have shape {expect}, got {tuple(latents.shape)}")
         # 4. sample
-        out = self._run(inputs, uncond, steps=steps, cfg=scale, alpha=alpha, grid=grid, generator=generator,
-                        latents=latents, final_step=final_step, callback=callback_on_step_end,
-                        return_gates=return_hfi_maps, edit=False, solver=solver, interval=interval)
+        out = self._run(
+            inputs,
+            uncond,
+            settings,
+            grid=grid,
+            generator=generator,
+            latents=latents,
+            callback=callback_on_step_end,
+            return_gates=return_hfi_maps,
+            edit=False,
+        )
         # 5. decode
         images = [self._postprocess(out.images[i][0], out.latents[i][0], output_type) for i in range(n)]
-        settings = dict(num_inference_steps=steps, guidance_scale=scale, shift=alpha, height=grid[0] * self._patch,
-                        width=grid[1] * self._patch, final_step=final_step, negative_prompt=negative_prompt,
-                        solver=solver, guidance_interval=interval)
+        used = dict(
+            self._settings_dict(settings),
+            height=grid[0] * self._patch,
+            width=grid[1] * self._patch,
+            negative_prompt=negative_prompt,
+        )
         maps = [out.gates[i][0] for i in range(n)] if return_hfi_maps else None
-        return ImagePipelineOutput(images, expanded, settings, maps)
+        return ImagePipelineOutput(images, expanded, used, maps)
 
     # -- editing --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def edit(self, image: Any, instruction: str, *, num_inference_steps: int | None = None,
-             guidance_scale: float | None = None, shift: float | None = None,
-             generator: torch.Generator | None = None, output_type: str = "pil",
-             return_hfi_maps: bool = False, final_step: str = "release", solver: str | None = None,
-             guidance_interval: tuple[float, float] | None = None) -> ImagePipelineOutput:
+    def edit(
+        self,
+        image: Any,
+        instruction: str | list[str],
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        shift: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_hfi_maps: bool = False,
+        final_step: str = "release",
+        solver: str | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+    ) -> ImagePipelineOutput:
         """Edit ``image`` following ``instruction`` (the release's start: z = 0.1·encode(image) + 0.9·noise).
 
-        ``solver`` and ``guidance_interval`` as in :meth:`generate`.
+        A list of images edits them as one batch: with one instruction for all or one each, and one
+        generator per image (then each result equals its own single run). ``solver`` and
+        ``guidance_interval`` as in :meth:`generate`.
         """
-        d = self.defaults
-        steps = d.edit_num_inference_steps if num_inference_steps is None else num_inference_steps
-        scale = d.edit_guidance_scale if guidance_scale is None else guidance_scale
-        alpha = d.shift if shift is None else shift
-        solver = check_solver(d.solver if solver is None else solver)
-        interval = check_guidance_interval(d.guidance_interval if guidance_interval is None else guidance_interval)
-        _check_number("num_inference_steps", steps, 2, 10_000, integer=True)
-        _check_number("guidance_scale", scale, 0.0, 100.0)
+        settings = self._image_sampling(
+            num_inference_steps, guidance_scale, shift, solver, final_step, guidance_interval, edit=True
+        )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        self._prompt_list(instruction, "instruction")
-        messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]]
-        inputs = self.processor(messages=messages, images=[image], mode="edit")
+        sources = image if isinstance(image, list) else [image]
+        instructions = self._prompt_list(instruction, "instruction")
+        instructions = instructions * len(sources) if len(instructions) == 1 else instructions
+        if len(instructions) != len(sources):
+            raise ValueError(f"{len(instructions)} instructions for {len(sources)} images")
+        if isinstance(generator, list) and len(generator) != len(sources):
+            raise ValueError(f"got {len(generator)} generators for {len(sources)} images")
+        messages = [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+            for text in instructions
+        ]
+        inputs = self.processor(messages=messages, images=sources, mode="edit")
         grid = self._grid(None, None)
-        out = self._run(inputs, None, steps=steps, cfg=scale, alpha=alpha, grid=grid, generator=generator,
-                        latents=None, final_step=final_step, callback=None, return_gates=return_hfi_maps, edit=True,
-                        solver=solver, interval=interval)
-        images = [self._postprocess(out.images[0][0], out.latents[0][0], output_type)]
-        settings = dict(num_inference_steps=steps, guidance_scale=scale, shift=alpha, instruction=instruction,
-                        solver=solver, guidance_interval=interval)
-        return ImagePipelineOutput(images, [instruction], settings, [out.gates[0][0]] if return_hfi_maps else None)
+        out = self._run(
+            inputs,
+            None,
+            settings,
+            grid=grid,
+            generator=generator,
+            latents=None,
+            callback=None,
+            return_gates=return_hfi_maps,
+            edit=True,
+        )
+        n = len(sources)
+        images = [self._postprocess(out.images[i][0], out.latents[i][0], output_type) for i in range(n)]
+        used = dict(self._settings_dict(settings), instruction=instruction)
+        maps = [out.gates[i][0] for i in range(n)] if return_hfi_maps else None
+        return ImagePipelineOutput(images, instructions, used, maps)
 
-    # -- understanding / chat ---------------------------------------------------------------------------------
+    # -- understanding / chat --------------------------------------------------------------------------------
     @torch.no_grad()
-    def chat(self, messages: list[dict] | list[list[dict]], images: Any = None, *, max_new_tokens: int = 256,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             repetition_penalty: float = 1.0, num_beams: int = 1, generator: torch.Generator | None = None,
-             stream: bool = False, prefix_image: str | None = "dummy",
-             static_cache: bool = False, cuda_graph: bool = False) -> ChatOutput | Iterator[str]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        images: Any = None,
+        *,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        num_beams: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        stream: bool = False,
+        prefix_image: str | None = "dummy",
+        static_cache: bool = False,
+        cuda_graph: bool = False,
+        stop_at_image: bool = False,
+    ) -> ChatOutput | Iterator[str]:
         """Answer a conversation (or a batch of them) with text.
 
         Args:
             messages: ``[{"role": "user", "content": "..." | [{"type": "image"}, {"type": "text", ...}]}]``,
                 or the release's ``<im_start><image><im_end>`` placeholders in the text.
             images: the images of the ``{"type": "image"}`` items / placeholders, in order.
+            generator: one generator, or one per conversation (then each answer, and the dummy image of a
+                conversation without one, equals its own single run; the images must then be given inside
+                the messages, as ``{"type": "image", "image": ...}`` items).
             stream: yield text pieces of the (single) answer as they are decoded.
             prefix_image: for conversations without an image, "dummy" prepends the release's random image.
-            static_cache: decode into a pre-allocated KV cache (same answers; for compiled / CUDA-graph decoding).
-            cuda_graph: replay the static decode step from a CUDA graph (CUDA only; captured at the first token
-                of each call): removes the per-kernel launch cost that bounds one stream on a large model.
+            static_cache: decode into a pre-allocated KV cache (same answers; for compiled / CUDA-graph
+                decoding).
+            cuda_graph: replay the static decode step from a CUDA graph (CUDA only; captured at the first
+                token of each call): removes the per-kernel launch cost that bounds one stream on a large
+                model.
+            stop_at_image: end an answer where the model starts an image (``<im_start>``) instead of
+                sampling it (80 steps by default): the image is drawn in one step and dropped; for text-only
+                answers (a server's chat).
         """
         _check_number("max_new_tokens", max_new_tokens, 1, 100_000, integer=True)
         _check_number("num_beams", num_beams, 1, 64, integer=True)
-        sampling = TextSampling(temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty)
-        inputs = self.processor(messages=messages, images=images, mode="understand", prefix_image=prefix_image,
-                                generator=generator)
+        sampling = TextSampling(
+            temperature=temperature if do_sample else 0.0,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+        )
+        if isinstance(generator, list):  # one per conversation, each encoded as it would be alone
+            if images is not None:
+                raise ValueError("with a list of generators, give the images inside the messages")
+            batch = messages if all(isinstance(m, (list, tuple)) for m in messages) else [messages]
+            if len(generator) != len(batch):
+                raise ValueError(f"got {len(generator)} generators for {len(batch)} conversations")
+            inputs = self._encode(batch, "understand", prefix_image, generator)
+        else:
+            inputs = self.processor(
+                messages=messages,
+                images=images,
+                mode="understand",
+                prefix_image=prefix_image,
+                generator=generator,
+            )
         ids, mask = inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device)
         pixels = self._pixels(inputs)
         if num_beams > 1:
@@ -287,12 +400,22 @@ class CheersPipeline:
                 raise ValueError("stream=True is not available with beam search (num_beams > 1)")
             from cheers.beam_search import beam_search
 
-            seqs = beam_search(self.model, ids, mask, pixels, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            seqs = self._call(
+                beam_search, ids, mask, pixels, num_beams=num_beams, max_new_tokens=max_new_tokens
+            )
             return ChatOutput([self._decode_answer(s) for s in seqs], seqs)
-        kwargs = dict(max_length=max_new_tokens - 1, sampling=sampling, generator=generator,
-                      latent_grid=self._grid(None, None), static_cache=static_cache, cuda_graph=cuda_graph)
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            text_sampling=sampling,
+            generator=generator,
+            latent_grid=self._grid(None, None),
+            static_cache=static_cache,
+            cuda_graph=cuda_graph,
+        )
+        if stop_at_image:
+            kwargs.update(stop_after_image=True, image_sampling=ImageSampling(num_inference_steps=1))
         if not stream:
-            out = generate(self.model, ids, mask, pixels, **kwargs)
+            out = self._call(generate, ids, mask, pixels, **kwargs)
             return ChatOutput([self._decode_answer(s) for s in out.sequences], out.sequences)
         if ids.shape[0] != 1:
             raise ValueError("stream=True answers one conversation at a time")
@@ -302,25 +425,40 @@ class CheersPipeline:
         pieces: queue.Queue = queue.Queue()
         done = object()
         errors: list[BaseException] = []
+        closed = threading.Event()
+
+        def on_token(row: int, tok: int) -> None:
+            if closed.is_set():  # the consumer stopped reading: end decoding at this token
+                raise _StreamClosed
+            pieces.put(tok)
 
         def work() -> None:
             try:
                 with torch.no_grad():
-                    generate(self.model, ids, mask, pixels, token_callback=lambda row, tok: pieces.put(tok), **kwargs)
+                    self._call(generate, ids, mask, pixels, token_callback=on_token, **kwargs)
+            except _StreamClosed:
+                pass
             except BaseException as err:  # surfaced in the consumer below
                 errors.append(err)
             finally:
                 pieces.put(done)
 
-        threading.Thread(target=work, daemon=True).start()
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
         tokens: list[int] = []
         shown = ""
-        while (item := pieces.get()) is not done:
-            tokens.append(item)
-            text = self._decode_answer(tokens)
-            if len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
+        try:
+            while (item := pieces.get()) is not done:
+                tokens.append(item)
+                text = self._decode_answer(tokens)
+                if len(text) > len(shown):
+                    yield text[len(shown) :]
+                    shown = text
+        finally:
+            # closing the iterator early (a server's client went away) stops decoding at the next token and
+            # waits for it, so the model is free again when close() returns
+            closed.set()
+            worker.join()
         if errors:
             raise errors[0]
 
@@ -330,7 +468,8 @@ class CheersPipeline:
 
         Args:
             channels_last: keep the VAE's convolutions in NHWC memory format (faster with oneDNN / cuDNN).
-            compile_step: ``torch.compile`` the tokenizer-side decoder, the ViT and the flow heads (first call slow).
+            compile_step: ``torch.compile`` the tokenizer-side decoder, the ViT and the flow heads (first call
+                slow).
         """
         core = self.model.model
         if channels_last:
@@ -341,7 +480,32 @@ class CheersPipeline:
                 setattr(core, name, torch.compile(getattr(core, name)))
         return self
 
+    def enable_fast_vae(self) -> CheersPipeline:
+        """Install the VAE decoders' faster forms (:func:`cheers.models.vae_fast.install_fast_vae`):
+        polyphase upsampling on every device; on a CPU in float32, activations in buffers reused across a
+        call's decoder runs (freed after each call). Outputs within 1e-5 (relative) of the reference
+        layers."""
+        if self.fast_vae is None:
+            self.fast_vae = install_fast_vae(self.model)
+        return self
+
+    def disable_fast_vae(self) -> CheersPipeline:
+        """Back to the reference VAE layers (as the release computes them)."""
+        if self.fast_vae is not None:
+            self.fast_vae.remove()
+            self.fast_vae = None
+        return self
+
     # -- helpers --------------------------------------------------------------------------------------------
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(self.model, ...)`` (:func:`cheers.generation.generate`, beam search); the VAE decoders'
+        buffers are freed after the call, as its activations would be."""
+        try:
+            return fn(self.model, *args, **kwargs)
+        finally:
+            if self.fast_vae is not None:
+                self.fast_vae.clear()
+
     @property
     def _patch(self) -> int:
         return self.model.config.patch_size
@@ -352,7 +516,9 @@ class CheersPipeline:
         step = 2 * self._patch
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < step or value % step or value > 8192:
-                raise ValueError(f"{name} must be a multiple of {step} between {step} and 8192, got {value!r}")
+                raise ValueError(
+                    f"{name} must be a multiple of {step} between {step} and 8192, got {value!r}"
+                )
         return height // self._patch, width // self._patch
 
     @staticmethod
@@ -366,45 +532,114 @@ class CheersPipeline:
 
     def _encode(self, messages, mode, prefix_image, generator) -> dict:
         if not isinstance(generator, list):
-            return self.processor(messages=messages, mode=mode, prefix_image=prefix_image, generator=generator)
+            return self.processor(
+                messages=messages, mode=mode, prefix_image=prefix_image, generator=generator
+            )
         # one generator per row: row i's dummy image comes from generator i, exactly as when run alone
-        rows = [self.processor(messages=[m], mode=mode, prefix_image=prefix_image, generator=g)
-                for m, g in zip(messages, generator)]
+        rows = [
+            self.processor(messages=[m], mode=mode, prefix_image=prefix_image, generator=g)
+            for m, g in zip(messages, generator)
+        ]
         width = max(r["input_ids"].shape[1] for r in rows)
         pad = self.model.special.pad
 
         def padded(key, value):
-            return torch.cat([torch.nn.functional.pad(r[key], (0, width - r[key].shape[1]), value=value) for r in rows])
+            return torch.cat(
+                [torch.nn.functional.pad(r[key], (0, width - r[key].shape[1]), value=value) for r in rows]
+            )
 
         pixels = [r["pixel_values"] for r in rows if r["pixel_values"] is not None]
-        return {"input_ids": padded("input_ids", pad), "attention_mask": padded("attention_mask", 0),
-                "pixel_values": torch.cat(pixels) if pixels else None}
+        return {
+            "input_ids": padded("input_ids", pad),
+            "attention_mask": padded("attention_mask", 0),
+            "pixel_values": torch.cat(pixels) if pixels else None,
+        }
 
     def _pixels(self, inputs: dict) -> torch.Tensor | None:
         px = inputs["pixel_values"]
         return None if px is None else px.to(self.device, next(self.model.parameters()).dtype)
 
-    def _run(self, inputs, uncond, *, steps, cfg, alpha, grid, generator, latents, final_step, callback,
-             return_gates, edit, solver="euler", interval=None) -> GenerationOutput:
+    def _image_sampling(
+        self, num_inference_steps, guidance_scale, shift, solver, final_step, guidance_interval, edit: bool
+    ) -> ImageSampling:
+        """The call's image settings: its arguments, else the model's :class:`SamplingDefaults`; checked."""
+        d = self.defaults
+        steps = num_inference_steps
+        if steps is None:
+            steps = d.edit_num_inference_steps if edit else d.num_inference_steps
+        scale = guidance_scale
+        if scale is None:
+            scale = d.edit_guidance_scale if edit else d.guidance_scale
+        shift = d.shift if shift is None else shift
+        _check_number("num_inference_steps", steps, 2 if edit else 1, 10_000, integer=True)
+        _check_number("guidance_scale", scale, 0.0, 100.0)
+        _check_number("shift", shift, 1e-3, 1e3)
+        return ImageSampling(
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            shift=shift,
+            solver=check_solver(d.solver if solver is None else solver),
+            final_step=final_step,
+            guidance_interval=d.guidance_interval if guidance_interval is None else guidance_interval,
+        )
+
+    @staticmethod
+    def _settings_dict(settings: ImageSampling) -> dict[str, Any]:
+        return dict(
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            shift=settings.shift,
+            final_step=settings.final_step,
+            solver=settings.solver,
+            guidance_interval=settings.guidance_interval,
+        )
+
+    def _run(
+        self,
+        inputs,
+        uncond,
+        settings: ImageSampling,
+        *,
+        grid,
+        generator,
+        latents,
+        callback,
+        return_gates,
+        edit,
+    ) -> GenerationOutput:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=edit_steps(steps) if edit else steps, desc="sampling", disable=not self.progress,
-                   leave=False)
+        steps = settings.num_inference_steps
+        bar = tqdm(
+            total=edit_steps(steps) if edit else steps,
+            desc="sampling",
+            disable=not self.progress,
+            leave=False,
+        )
 
         def on_step(n, t, x, v):
             bar.update(1)
             if callback is not None:
                 callback(n, float(t), x)
 
+        device = self.device
         try:
-            return generate(
-                self.model, inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device),
-                self._pixels(inputs), num_inference_steps=steps, cfg_scale=cfg if cfg not in (0, 1) else None,
-                alpha=alpha, edit_image=edit, max_length=0, generator=generator,
-                latents=None if latents is None else latents.to(self.device), latent_grid=grid,
-                final_step=final_step, callback=on_step, return_gates=return_gates, solver=solver,
-                guidance_interval=interval, uncond_input_ids=None if uncond is None else uncond["input_ids"].to(self.device),
-                uncond_attention_mask=None if uncond is None else uncond["attention_mask"].to(self.device))
+            return self._call(
+                generate,
+                inputs["input_ids"].to(device),
+                inputs["attention_mask"].to(device),
+                self._pixels(inputs),
+                image_sampling=settings,
+                edit_image=edit,
+                stop_after_image=True,
+                generator=generator,
+                latents=None if latents is None else latents.to(device),
+                latent_grid=grid,
+                callback=on_step,
+                return_gates=return_gates,
+                uncond_input_ids=None if uncond is None else uncond["input_ids"].to(device),
+                uncond_attention_mask=None if uncond is None else uncond["attention_mask"].to(device),
+            )
         finally:
             bar.close()
 

@@ -399,10 +399,14 @@ def _normalise_conversation(messages: Any) -> tuple[list[dict[str, str]], list[A
         content = message.get("content", message.get("value"))
         if not isinstance(role, str) or not role:
             raise ValueError(f"message {i} needs a non-empty 'role' (or 'from') string, got {role!r:.80}")
-        if any(c.isspace() for c in role) or "<|" in role or "|>" in role:  # it would forge turns in the prompt
+        if (
+            any(c.isspace() for c in role) or "<|" in role or "|>" in role
+        ):  # it would forge turns in the prompt
             raise ValueError(f"message {i} role must be one word without <|...|> tokens, got {role!r:.80}")
         text = _valid_unicode(_content_text(content, i, images), f"message {i} content")
-        out.append({"role": _valid_unicode(_ROLE_ALIASES.get(role, role), f"message {i} role"), "content": text})
+        out.append(
+            {"role": _valid_unicode(_ROLE_ALIASES.get(role, role), f"message {i} role"), "content": text}
+        )
     return out, images
 
 
@@ -411,8 +415,9 @@ def _valid_unicode(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"{what} is not valid Unicode: {text[err.start]!r} at position {err.start} "
-                         f"({err.reason})") from None
+        raise ValueError(
+            f"{what} is not valid Unicode: {text[err.start]!r} at position {err.start} ({err.reason})"
+        ) from None
     return text
 
 

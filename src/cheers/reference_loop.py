@@ -13,32 +13,50 @@ import torch
 
 from cheers.generation import ImageSampler, prefill
 from cheers.models.cheers import Cheers
-from cheers.models.vae import release_layers
+from cheers.models.vae_fast import reference_layers
 from cheers.sampling import apply_guidance, euler_sample, schedule
 from cheers.tokens import unconditional_ids
 
 
 @torch.no_grad()
-def release_style_sample(model: Cheers, input_ids: torch.Tensor, pixel_values: torch.Tensor, noise: torch.Tensor,
-                         num_inference_steps: int, cfg_scale: float | None, alpha: float) -> torch.Tensor:
+def release_style_sample(
+    model: Cheers,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    noise: torch.Tensor,
+    num_inference_steps: int,
+    guidance_scale: float | None,
+    shift: float,
+) -> torch.Tensor:
     """Text-to-image for one prompt (1, L) with its dummy image; returns the decoded image (1, 3, H, W).
 
-    The VAE layers run as the release's do (:func:`cheers.models.vae.release_layers`): literal upsampling
-    (interpolate, then a 3x3 conv), SiLU and residual adds out of place."""
+    The VAE layers run as the release's do: any faster form installed on the model
+    (:func:`cheers.models.vae_fast.install_fast_vae`) is set aside for the call
+    (:func:`cheers.models.vae_fast.reference_layers`), so the decoders interpolate, then convolve, out of
+    place."""
     if input_ids.shape[0] != 1:
         raise ValueError("the release-style loop handles one prompt at a time")
-    with release_layers(model):
-        return _release_style_sample(model, input_ids, pixel_values, noise, num_inference_steps, cfg_scale, alpha)
+    with reference_layers(model):
+        return _release_style_sample(
+            model, input_ids, pixel_values, noise, num_inference_steps, guidance_scale, shift
+        )
 
 
-def _release_style_sample(model: Cheers, input_ids: torch.Tensor, pixel_values: torch.Tensor, noise: torch.Tensor,
-                          num_inference_steps: int, cfg_scale: float | None, alpha: float) -> torch.Tensor:
+def _release_style_sample(
+    model: Cheers,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    noise: torch.Tensor,
+    num_inference_steps: int,
+    guidance_scale: float | None,
+    shift: float,
+) -> torch.Tensor:
     special = model.require_special()
     ones = torch.ones_like(input_ids)
     active = torch.ones(1, dtype=torch.bool, device=input_ids.device)
     cond = ImageSampler(model, prefill(model, input_ids, ones, pixel_values), None, active)
     uncond = None
-    if cfg_scale is not None and cfg_scale != 1:
+    if guidance_scale is not None and guidance_scale != 1:
         uncond_ids = unconditional_ids(input_ids, special)
         uncond = ImageSampler(model, prefill(model, uncond_ids, ones, pixel_values), None, active)
 
@@ -47,7 +65,7 @@ def _release_style_sample(model: Cheers, input_ids: torch.Tensor, pixel_values: 
         if uncond is None:
             return v
         v_u, _, _ = uncond.velocity(x, t)  # the tokenizer runs again for this branch, as in the release
-        return apply_guidance(v, v_u, cfg_scale)
+        return apply_guidance(v, v_u, guidance_scale)
 
-    latent = euler_sample(velocity, noise, schedule(num_inference_steps, alpha).to(noise.device))
+    latent = euler_sample(velocity, noise, schedule(num_inference_steps, shift).to(noise.device))
     return model.model.vae_model.decode(latent)

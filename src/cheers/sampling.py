@@ -18,7 +18,9 @@ That overshoot is first order by construction, so the higher orders show fully o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -33,11 +35,11 @@ EDIT_START_T = 0.1  # the release starts editing from a latent mixed at t = 0.1 
 EDIT_STEP_FRACTION = 0.9  # ... and runs int(0.9·S) steps
 
 
-def schedule(num_steps: int, alpha: float = 1.0, start: float = 0.0) -> torch.Tensor:
+def schedule(num_steps: int, shift: float = 1.0, start: float = 0.0) -> torch.Tensor:
     """The release's timesteps ``shift(linspace(start, 1, S))`` in float32 (S values, last one 1)."""
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_steps!r}")
-    return time_shift(torch.linspace(start, 1.0, num_steps, dtype=torch.float32), alpha)
+    return time_shift(torch.linspace(start, 1.0, num_steps, dtype=torch.float32), shift)
 
 
 def edit_steps(num_steps: int) -> int:
@@ -45,12 +47,12 @@ def edit_steps(num_steps: int) -> int:
     return int(num_steps * EDIT_STEP_FRACTION)
 
 
-def edit_schedule(num_steps: int, alpha: float = 1.0) -> torch.Tensor:
+def edit_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """Editing: ``shift(linspace(0.1, 1, int(0.9·S)))``. Note the first velocity is taken at shift(0.1)."""
     effective = edit_steps(num_steps)
     if effective < 1:
         raise ValueError(f"editing needs num_inference_steps >= 2 (int(0.9·S) >= 1), got {num_steps}")
-    return schedule(effective, alpha, start=EDIT_START_T)
+    return schedule(effective, shift, start=EDIT_START_T)
 
 
 def edit_start(z_image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -70,7 +72,9 @@ def check_guidance_interval(interval) -> tuple[float, float] | None:
     try:
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):
-        raise ValueError(f"guidance_interval must be a pair (t_lo, t_hi) of numbers, got {interval!r}") from None
+        raise ValueError(
+            f"guidance_interval must be a pair (t_lo, t_hi) of numbers, got {interval!r}"
+        ) from None
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got {interval!r}")
     return lo, hi
@@ -98,8 +102,68 @@ def num_evaluations(solver: str, num_steps: int) -> int:
     return EVALS_PER_STEP[check_solver(solver)] * (num_steps - 1) + 1
 
 
-def sample(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, solver: str = "euler",
-           final_step: str = "release", callback: StepCallback | None = None) -> torch.Tensor:
+def check_final_step(final_step: str) -> str:
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
+    return final_step
+
+
+@dataclass(frozen=True)
+class ImageSampling:
+    """How an image is sampled (reference §10.1), beside :class:`cheers.text_sampling.TextSampling` for text.
+
+    Args:
+        num_inference_steps: grid points S of the ODE (editing runs ``int(0.9·S)`` of them from t = 0.1).
+        guidance_scale: classifier-free guidance ``v_u + s·(v_c − v_u)``; None, 0 or 1 turns it off (the
+            unconditional rows are then not run at all).
+        shift: the release's time shift of the grid, ``shift·t / (1 + (shift − 1)·t)``; < 1 spends more steps
+            near the noise end (diffusers' ``shift`` s is 1/s here).
+        solver: one of :data:`SOLVERS` (``"euler"``: the release's).
+        final_step: ``"release"`` (the overshooting last step, as released) or ``"exact"`` (stop at t = 1).
+        guidance_interval: ``(t_lo, t_hi)``: guide only there; None: at every step.
+    """
+
+    num_inference_steps: int = 80
+    guidance_scale: float | None = None
+    shift: float = 1.0
+    solver: str = "euler"
+    final_step: str = "release"
+    guidance_interval: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise ValueError(
+                f"num_inference_steps must be a positive integer, got {self.num_inference_steps!r}"
+            )
+        scale = self.guidance_scale
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+            raise ValueError(f"guidance_scale must be a finite number or None, got {scale!r}")
+        if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {self.shift!r}")
+        check_solver(self.solver)
+        check_final_step(self.final_step)
+        object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
+
+    @property
+    def guided(self) -> bool:
+        """Whether the unconditional branch runs (a scale other than None, 0 and 1)."""
+        return self.guidance_scale is not None and self.guidance_scale not in (0, 1)
+
+    def timesteps(self, edit: bool = False) -> torch.Tensor:
+        """The grid: :func:`schedule`, or :func:`edit_schedule` for editing."""
+        if edit:
+            return edit_schedule(self.num_inference_steps, self.shift)
+        return schedule(self.num_inference_steps, self.shift)
+
+
+def sample(
+    velocity_fn: VelocityFn,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    solver: str = "euler",
+    final_step: str = "release",
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
     """Integrate from ``timesteps[0]`` to 1 with ``solver`` (see the module docstring).
 
     Args:
@@ -115,8 +179,7 @@ def sample(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, so
     """
     if check_solver(solver) == "euler":
         return euler_sample(velocity_fn, x, timesteps, final_step, callback)
-    if final_step not in FINAL_STEPS:
-        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
+    check_final_step(final_step)
     steps = timesteps.shape[0]
     work = torch.promote_types(x.dtype, torch.float32)  # stage combinations never in half precision
     previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (v_{n-1}, h_{n-1}) for the multistep solver
@@ -158,9 +221,13 @@ def _add(x: torch.Tensor, direction: torch.Tensor, h: torch.Tensor | float) -> t
     return (x.to(work) + direction.to(work) * h).to(x.dtype)
 
 
-def euler_sample(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor,
-                 final_step: str = "release",
-                 callback: StepCallback | None = None) -> torch.Tensor:
+def euler_sample(
+    velocity_fn: VelocityFn,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    final_step: str = "release",
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
     """Integrate from ``timesteps[0]`` to 1 with Euler steps: the release's loop, exactly.
 
     Args:
@@ -168,14 +235,13 @@ def euler_sample(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tens
         x: (B, C, h, w) start latent.
         timesteps: (S,) increasing, ending at 1.
         final_step: ``"release"`` evaluates v at the last t (= 1) and adds it once more with step 1/S, so the
-            integration overshoots t = 1 by 1/S (the released behaviour, reference §10.2); ``"exact"`` stops at t = 1
-            (the last velocity is still evaluated, so a caller's KV cache sees the final latent).
+            integration overshoots t = 1 by 1/S (the released behaviour, reference §10.2); ``"exact"`` stops
+            at t = 1 (the last velocity is still evaluated, so a caller's KV cache sees the final latent).
         callback: called as ``callback(step, t, x, v)`` after each velocity evaluation.
     Returns:
         The final latent (B, C, h, w).
     """
-    if final_step not in FINAL_STEPS:
-        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
+    check_final_step(final_step)
     steps = timesteps.shape[0]
     for n in range(steps):
         t = timesteps[n]

@@ -29,29 +29,41 @@ class TextSampling:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+        if not (
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and self.temperature >= 0
+        ):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
-                and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if not (
+            isinstance(self.repetition_penalty, (int, float))
+            and math.isfinite(self.repetition_penalty)
+            and self.repetition_penalty > 0
+        ):
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}"
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= GREEDY_TEMPERATURE
 
 
-def penalize_repetition(logits: torch.Tensor, histories: Sequence[Sequence[int]], penalty: float) -> torch.Tensor:
+def penalize_repetition(
+    logits: torch.Tensor, histories: Sequence[Sequence[int]], penalty: float
+) -> torch.Tensor:
     """Apply the repetition penalty row by row (R, V) -> (R, V)."""
     if penalty == 1.0:
         return logits
     logits = logits.clone()
     for r, seen in enumerate(histories[: logits.shape[0]]):
-        ids = torch.tensor(sorted({i for i in seen if 0 <= i < logits.shape[1]}), dtype=torch.long,
-                           device=logits.device)
+        ids = torch.tensor(
+            sorted({i for i in seen if 0 <= i < logits.shape[1]}), dtype=torch.long, device=logits.device
+        )
         if ids.numel():
             vals = logits[r, ids]
             logits[r, ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
@@ -72,8 +84,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def pick_tokens(logits: torch.Tensor, histories: Sequence[Sequence[int]], sampling: TextSampling,
-                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+def pick_tokens(
+    logits: torch.Tensor,
+    histories: Sequence[Sequence[int]],
+    sampling: TextSampling,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> torch.Tensor:
     """Next token per row: (R, V) logits -> (R,) ids. A list of generators samples row r from generator r."""
     logits = penalize_repetition(logits.float(), histories, sampling.repetition_penalty)
     if sampling.greedy:

@@ -147,8 +147,8 @@ class SpecialTokens:
         """Resolve every id from ``tokenizer`` by its token string.
 
         Args:
-            tokenizer: a ``transformers`` tokenizer (needs ``convert_tokens_to_ids``, ``convert_ids_to_tokens``,
-                ``encode`` and ``len()``).
+            tokenizer: a ``transformers`` tokenizer (needs ``convert_tokens_to_ids``,
+                ``convert_ids_to_tokens``, ``encode`` and ``len()``).
             strings: overrides of :data:`TOKEN_STRINGS` (field name -> token string).
 
         Returns:

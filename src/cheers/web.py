@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "default"  # the bundled model, as in cheers.pipeline (not imported here: `cheers --help` stays light)
+DEFAULT_MODEL = (
+    "default"  # the bundled model, as in cheers.pipeline (not imported here: `cheers --help` stays light)
+)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_MAX_FILE_SIZE = "10mb"
@@ -50,7 +52,8 @@ def _gradio():
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Bad input (a ``ValueError`` / missing file) becomes a ``gr.Error``: the UI shows its text, no traceback."""
+    """Bad input (a ``ValueError`` / missing file) becomes a ``gr.Error``: the UI shows its text, no
+    traceback."""
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
@@ -85,16 +88,23 @@ class DemoHandlers:
         upload_roots: folders an uploaded file's path may lie in (default: Gradio's upload folder).
     """
 
-    def __init__(self, pipeline: CheersPipeline, *, max_steps: int = 200, max_new_tokens: int = 1024,
-                 upload_roots: list[str | Path] | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: CheersPipeline,
+        *,
+        max_steps: int = 200,
+        max_new_tokens: int = 1024,
+        upload_roots: list[str | Path] | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.max_steps, self.max_new_tokens = max_steps, max_new_tokens
         roots = upload_roots if upload_roots is not None else [_upload_folder()]
         self.upload_roots = [Path(r).resolve() for r in roots]
 
-    # -- inputs -------------------------------------------------------------------------------------------------
+    # -- inputs ----------------------------------------------------------------------------------------------
     def load_upload(self, image: Any, name: str = "image") -> Image.Image:
-        """An uploaded image (a path inside an upload root, or a PIL image) as RGB, checked by ``load_image``."""
+        """An uploaded image (a path inside an upload root, or a PIL image) as RGB, checked by
+        ``load_image``."""
         if isinstance(image, Image.Image):
             return image.convert("RGB")
         if not isinstance(image, (str, Path)) or not str(image):
@@ -111,9 +121,19 @@ class DemoHandlers:
 
         return torch.Generator().manual_seed(_as_int("seed", seed, 0, MAX_SEED))
 
-    # -- tabs ---------------------------------------------------------------------------------------------------
-    def generate(self, prompt: str, negative_prompt: str | None, steps: Any, guidance: float, shift: float,
-                 seed: Any, width: Any, height: Any, progress=None) -> tuple[Image.Image, dict]:
+    # -- tabs ------------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        steps: Any,
+        guidance: float,
+        shift: float,
+        seed: Any,
+        width: Any,
+        height: Any,
+        progress=None,
+    ) -> tuple[Image.Image, dict]:
         """Text-to-image -> (image, settings incl. prompt and seed)."""
         with _user_errors():
             steps = _as_int("steps", steps, 1, self.max_steps)
@@ -124,9 +144,16 @@ class DemoHandlers:
                 if progress is not None:
                     progress((min(step + 1, steps), steps), desc="sampling")
 
-            out = self.pipeline.generate(prompt, negative_prompt=(negative_prompt or "").strip() or None,
-                                         num_inference_steps=steps, guidance_scale=guidance, shift=shift,
-                                         generator=generator, callback_on_step_end=on_step, **size)
+            out = self.pipeline.generate(
+                prompt,
+                negative_prompt=(negative_prompt or "").strip() or None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                shift=shift,
+                generator=generator,
+                callback_on_step_end=on_step,
+                **size,
+            )
         return out.images[0], {"prompt": prompt, "seed": int(seed), **out.settings}
 
     def edit(self, image: Any, instruction: str, steps: Any, guidance: float, seed: Any) -> Image.Image:
@@ -134,18 +161,30 @@ class DemoHandlers:
         with _user_errors():
             source = self.load_upload(image)
             steps = _as_int("steps", steps, 2, self.max_steps)
-            out = self.pipeline.edit(source, instruction, num_inference_steps=steps, guidance_scale=guidance,
-                                     generator=self._generator(seed))
+            out = self.pipeline.edit(
+                source,
+                instruction,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=self._generator(seed),
+            )
         return out.images[0]
 
     def hfi(self, prompt: str, steps: Any, guidance: float, shift: float, seed: Any):
-        """Generate and picture the HFI gate -> (image, heatmap strip over the steps, mean-per-step figure)."""
+        """Generate and picture the HFI gate -> (image, heatmap strip over the steps, mean-per-step
+        figure)."""
         from cheers.web_plots import gate_means_figure, gate_strip
 
         with _user_errors():
             steps = _as_int("steps", steps, 1, self.max_steps)
-            out = self.pipeline.generate(prompt, num_inference_steps=steps, guidance_scale=guidance, shift=shift,
-                                         generator=self._generator(seed), return_hfi_maps=True)
+            out = self.pipeline.generate(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                shift=shift,
+                generator=self._generator(seed),
+                return_hfi_maps=True,
+            )
         maps = out.hfi_maps[0]  # (S, h, w)
         return out.images[0], gate_strip(maps), gate_means_figure(maps)
 
@@ -154,8 +193,9 @@ class DemoHandlers:
         """A fresh conversation: the model's messages, their images, and what the chatbot shows."""
         return {"messages": [], "images": [], "display": []}
 
-    def chat(self, message: str, image: Any, state: dict | None, max_new_tokens: Any, temperature: float,
-             seed: Any) -> Iterator[tuple[list, dict, str, Any]]:
+    def chat(
+        self, message: str, image: Any, state: dict | None, max_new_tokens: Any, temperature: float, seed: Any
+    ) -> Iterator[tuple[list, dict, str, Any]]:
         """One chat turn, streamed: yields (chatbot messages, conversation state, textbox value, image value).
 
         The question and its optional image join the conversation; the answer grows piece by piece. The new
@@ -180,9 +220,15 @@ class DemoHandlers:
             messages = [*state["messages"], {"role": "user", "content": content}]
             display += [{"role": "user", "content": text}, {"role": "assistant", "content": "…"}]
             yield display, state, "", image
-            pieces = self.pipeline.chat(messages, images=images or None, max_new_tokens=tokens,
-                                        do_sample=temperature > 0, temperature=temperature or 1.0,
-                                        generator=self._generator(seed), stream=True)
+            pieces = self.pipeline.chat(
+                messages,
+                images=images or None,
+                max_new_tokens=tokens,
+                do_sample=temperature > 0,
+                temperature=temperature or 1.0,
+                generator=self._generator(seed),
+                stream=True,
+            )
             answer = ""
             for piece in pieces:
                 answer += piece
@@ -200,8 +246,13 @@ def _chatbot(gr, **kwargs):
     return gr.Chatbot(**kwargs)
 
 
-def build_demo(pipeline: CheersPipeline, *, max_steps: int = 200, max_new_tokens: int = 1024,
-               upload_roots: list[str | Path] | None = None):
+def build_demo(
+    pipeline: CheersPipeline,
+    *,
+    max_steps: int = 200,
+    max_new_tokens: int = 1024,
+    upload_roots: list[str | Path] | None = None,
+):
     """The Gradio app (not yet queued or launched). Every model event shares one concurrency group."""
     gr = _gradio()
     h = DemoHandlers(pipeline, max_steps=max_steps, max_new_tokens=max_new_tokens, upload_roots=upload_roots)
@@ -220,8 +271,14 @@ def build_demo(pipeline: CheersPipeline, *, max_steps: int = 200, max_new_tokens
                     prompt = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt")
                     negative = gr.Textbox(label="Negative prompt (optional)", elem_id="gen-negative")
                     with gr.Row():
-                        steps = gr.Slider(1, max_steps, value=min(d.num_inference_steps, max_steps), step=1,
-                                          label="Steps", elem_id="gen-steps")
+                        steps = gr.Slider(
+                            1,
+                            max_steps,
+                            value=min(d.num_inference_steps, max_steps),
+                            step=1,
+                            label="Steps",
+                            elem_id="gen-steps",
+                        )
                         guidance = gr.Slider(0, 20, value=d.guidance_scale, step=0.1, label="Guidance")
                     with gr.Row():
                         shift = gr.Slider(0.1, 4, value=d.shift, step=0.05, label="Shift (alpha)")
@@ -231,7 +288,9 @@ def build_demo(pipeline: CheersPipeline, *, max_steps: int = 200, max_new_tokens
                         height = gr.Slider(step, 2 * size, value=size, step=step, label="Height")
                     go = gr.Button("Generate", variant="primary", elem_id="gen-button")
                 with gr.Column():
-                    image = gr.Image(label="Image", type="pil", format="png", interactive=False, elem_id="gen-image")
+                    image = gr.Image(
+                        label="Image", type="pil", format="png", interactive=False, elem_id="gen-image"
+                    )
                     settings = gr.JSON(label="Settings", elem_id="gen-settings")
             inputs = [prompt, negative, steps, guidance, shift, seed, width, height]
             go.click(on_generate, inputs, [image, settings], **model_events)
@@ -240,33 +299,55 @@ def build_demo(pipeline: CheersPipeline, *, max_steps: int = 200, max_new_tokens
         with gr.Tab("Edit", id="edit"):
             with gr.Row():
                 with gr.Column():
-                    source = gr.Image(label="Image to edit", type="filepath", image_mode=None, height=320,
-                                      sources=["upload", "clipboard"], elem_id="edit-source")
+                    source = gr.Image(
+                        label="Image to edit",
+                        type="filepath",
+                        image_mode=None,
+                        height=320,
+                        sources=["upload", "clipboard"],
+                        elem_id="edit-source",
+                    )
                     instruction = gr.Textbox(label="Instruction", elem_id="edit-instruction")
                     with gr.Row():
-                        e_steps = gr.Slider(2, max_steps, value=min(d.edit_num_inference_steps, max_steps), step=1,
-                                            label="Steps")
+                        e_steps = gr.Slider(
+                            2,
+                            max_steps,
+                            value=min(d.edit_num_inference_steps, max_steps),
+                            step=1,
+                            label="Steps",
+                        )
                         e_guidance = gr.Slider(0, 20, value=d.edit_guidance_scale, step=0.1, label="Guidance")
                         e_seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     e_go = gr.Button("Edit", variant="primary", elem_id="edit-button")
-                edited = gr.Image(label="Edited", type="pil", format="png", interactive=False, elem_id="edit-image")
+                edited = gr.Image(
+                    label="Edited", type="pil", format="png", interactive=False, elem_id="edit-image"
+                )
             e_go.click(h.edit, [source, instruction, e_steps, e_guidance, e_seed], edited, **model_events)
 
         with gr.Tab("Chat", id="chat"):
             state = gr.State(h.new_chat())
             with gr.Row():
                 with gr.Column(scale=1):
-                    c_image = gr.Image(label="Image for the next message (optional)", type="filepath",
-                                       image_mode=None, height=280, sources=["upload", "clipboard"],
-                                       elem_id="chat-image")
-                    c_tokens = gr.Slider(1, max_new_tokens, value=min(256, max_new_tokens), step=1,
-                                         label="Max new tokens")
-                    c_temp = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)",
-                                       elem_id="chat-temperature")
+                    c_image = gr.Image(
+                        label="Image for the next message (optional)",
+                        type="filepath",
+                        image_mode=None,
+                        height=280,
+                        sources=["upload", "clipboard"],
+                        elem_id="chat-image",
+                    )
+                    c_tokens = gr.Slider(
+                        1, max_new_tokens, value=min(256, max_new_tokens), step=1, label="Max new tokens"
+                    )
+                    c_temp = gr.Slider(
+                        0, 2, value=0, step=0.05, label="Temperature (0 = greedy)", elem_id="chat-temperature"
+                    )
                     c_seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 with gr.Column(scale=2):
                     chatbot = _chatbot(gr, label="Cheers", elem_id="chatbot", height=420)
-                    question = gr.Textbox(label="Message", placeholder="Ask about the image…", elem_id="chat-input")
+                    question = gr.Textbox(
+                        label="Message", placeholder="Ask about the image…", elem_id="chat-input"
+                    )
                     with gr.Row():
                         send = gr.Button("Send", variant="primary", elem_id="chat-send")
                         clear = gr.Button("New conversation", elem_id="chat-clear")
@@ -277,32 +358,57 @@ def build_demo(pipeline: CheersPipeline, *, max_steps: int = 200, max_new_tokens
             clear.click(lambda: ([], h.new_chat(), "", None), None, c_outputs, queue=False)
 
         with gr.Tab("HFI heatmaps", id="hfi"):
-            gr.Markdown("The high-frequency-injection gate `g` per latent token at every sampling step "
-                        "(one colour scale for all steps), and its mean per step.")
+            gr.Markdown(
+                "The high-frequency-injection gate `g` per latent token at every sampling step "
+                "(one colour scale for all steps), and its mean per step."
+            )
             with gr.Row():
                 with gr.Column():
                     m_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="hfi-prompt")
                     with gr.Row():
-                        m_steps = gr.Slider(1, max_steps, value=min(d.num_inference_steps, max_steps, 30), step=1,
-                                            label="Steps")
+                        m_steps = gr.Slider(
+                            1,
+                            max_steps,
+                            value=min(d.num_inference_steps, max_steps, 30),
+                            step=1,
+                            label="Steps",
+                        )
                         m_guidance = gr.Slider(0, 20, value=d.guidance_scale, step=0.1, label="Guidance")
                         m_shift = gr.Slider(0.1, 4, value=d.shift, step=0.05, label="Shift (alpha)")
                         m_seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     m_go = gr.Button("Generate and show the gate", variant="primary", elem_id="hfi-button")
-                m_image = gr.Image(label="Image", type="pil", format="png", interactive=False, elem_id="hfi-image")
-            strip = gr.Image(label="HFI gate per step", type="pil", format="png", interactive=False,
-                             elem_id="hfi-strip")
+                m_image = gr.Image(
+                    label="Image", type="pil", format="png", interactive=False, elem_id="hfi-image"
+                )
+            strip = gr.Image(
+                label="HFI gate per step", type="pil", format="png", interactive=False, elem_id="hfi-strip"
+            )
             plot = gr.Plot(label="Mean gate per step", elem_id="hfi-plot")
-            m_go.click(h.hfi, [m_prompt, m_steps, m_guidance, m_shift, m_seed], [m_image, strip, plot],
-                       **model_events)
+            m_go.click(
+                h.hfi,
+                [m_prompt, m_steps, m_guidance, m_shift, m_seed],
+                [m_image, strip, plot],
+                **model_events,
+            )
     return demo
 
 
-def launch(model: CheersPipeline | str | Path = DEFAULT_MODEL, host: str = DEFAULT_HOST, port: int | None = None,
-           share: bool = False, max_concurrency: int = 1, max_queue: int = 32,
-           max_file_size: str | int = DEFAULT_MAX_FILE_SIZE, *, device: str = "auto", dtype: str | None = None,
-           max_steps: int = 200, max_new_tokens: int = 1024, prevent_thread_lock: bool = False,
-           quiet: bool = False):
+def launch(
+    model: CheersPipeline | str | Path = DEFAULT_MODEL,
+    host: str = DEFAULT_HOST,
+    port: int | None = None,
+    share: bool = False,
+    max_concurrency: int = 1,
+    max_queue: int = 32,
+    max_file_size: str | int = DEFAULT_MAX_FILE_SIZE,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    max_steps: int = 200,
+    max_new_tokens: int = 1024,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+):
     """Serve the demo. Returns the launched ``gradio.Blocks`` (``.local_url``; ``.close()`` stops it).
 
     Args:
@@ -320,19 +426,30 @@ def launch(model: CheersPipeline | str | Path = DEFAULT_MODEL, host: str = DEFAU
 
     for name, value in (("max_concurrency", max_concurrency), ("max_queue", max_queue)):
         _as_int(name, value, 1, 10_000)
-    pipe = model if isinstance(model, CheersPipeline) else CheersPipeline.from_pretrained(
-        model, device=device, dtype=dtype, progress=False)
+    pipe = (
+        model
+        if isinstance(model, CheersPipeline)
+        else CheersPipeline.from_pretrained(model, device=device, dtype=dtype, progress=False)
+    )
     demo = build_demo(pipe, max_steps=max_steps, max_new_tokens=max_new_tokens)
     demo.queue(default_concurrency_limit=max_concurrency, max_size=max_queue)
     if share or host not in _LOCAL_HOSTS:
         logger.warning("the demo is reachable beyond this machine (host=%s, share=%s)", host, share)
-    demo.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size,
-                prevent_thread_lock=prevent_thread_lock, show_error=False, quiet=quiet, inbrowser=False,
-                ssr_mode=False)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=max_file_size,
+        prevent_thread_lock=prevent_thread_lock,
+        show_error=False,
+        quiet=quiet,
+        inbrowser=False,
+        ssr_mode=False,
+    )
     return demo
 
 
-# -- the `cheers web` command ---------------------------------------------------------------------------------
+# -- the `cheers web` command --------------------------------------------------------------------------------
 def _port(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:
@@ -348,27 +465,46 @@ def _positive(text: str) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    demo = launch(args.model, host=args.host, port=args.port, share=args.share,
-                  max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                  max_file_size=args.max_file_size, device=args.device, dtype=args.dtype, max_steps=args.max_steps)
+    demo = launch(
+        args.model,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        max_file_size=args.max_file_size,
+        device=args.device,
+        dtype=args.dtype,
+        max_steps=args.max_steps,
+    )
     demo.close()
     return 0
 
 
 def add_web_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``cheers web`` on an ``add_subparsers()`` object; returns the new parser."""
-    p = subparsers.add_parser("web", help="serve the web demo (Gradio) on 127.0.0.1",
-                              description="Serve the Cheers web demo: generate, edit, chat, HFI heatmaps.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or hub id (default: the bundled model)")
+    p = subparsers.add_parser(
+        "web",
+        help="serve the web demo (Gradio) on 127.0.0.1",
+        description="Serve the Cheers web demo: generate, edit, chat, HFI heatmaps.",
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="checkpoint directory or hub id (default: the bundled model)"
+    )
     p.add_argument("--device", default="auto", help="cpu | cuda | mps | auto")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 exposes the demo to the network)")
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 exposes the demo to the network)",
+    )
     p.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--share", action="store_true", help="also create a public Gradio share link")
     p.add_argument("--max-concurrency", type=_positive, default=1, help="model calls at once (default 1)")
     p.add_argument("--max-queue", type=_positive, default=32, help="waiting requests allowed (default 32)")
     p.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE, help="upload cap (default 10mb)")
-    p.add_argument("--max-steps", type=_positive, default=200, help="most sampling steps a visitor may ask for")
+    p.add_argument(
+        "--max-steps", type=_positive, default=200, help="most sampling steps a visitor may ask for"
+    )
     p.set_defaults(func=cmd_web)
     return p

@@ -1,4 +1,5 @@
-"""Pictures of the HFI gate for the web demo: a heatmap strip over the sampling steps and a mean-per-step plot.
+"""Pictures of the HFI gate for the web demo: a heatmap strip over the sampling steps and a mean-per-step
+plot.
 
 The gate ``g`` of :class:`cheers.models.flow_head.HiGate` is an unbounded scalar per latent token
 (``LayerNorm(low + g·high)``), so every tile of the strip shares one colour scale (the min and max over all
@@ -33,7 +34,9 @@ def gate_range(maps: torch.Tensor) -> tuple[float, float]:
     return low, high
 
 
-def gate_strip(maps: torch.Tensor, tile: int = TILE, cmap: str = "viridis", max_tiles: int = 16) -> Image.Image:
+def gate_strip(
+    maps: torch.Tensor, tile: int = TILE, cmap: str = "viridis", max_tiles: int = 16
+) -> Image.Image:
     """A row of heatmaps, one per (evenly chosen) step, on one shared colour scale.
 
     Args:

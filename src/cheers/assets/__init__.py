@@ -15,11 +15,14 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 BUNDLED_DIR = Path(__file__).parent / "cheers-tiny-shapes"
+SHAPES_TOKENIZER_DIR = Path(__file__).parent / "shapes-tokenizer"  # the ShapesWorld tokenizer's shipped build
 RANDOM_TINY_NAME = "random-tiny-v1"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("CHEERS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "cheers")
+    root = os.environ.get("CHEERS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "cheers"
+    )
     return Path(root).expanduser()
 
 
@@ -31,8 +34,10 @@ def default_model_dir() -> Path:
     """The bundled trained model, or (with a warning) a random-weight tiny model."""
     if has_bundled_model():
         return BUNDLED_DIR
-    logger.warning("the bundled trained model cheers-tiny-shapes is not installed: using a tiny model with "
-                   "RANDOM weights (its outputs are noise; it exercises the whole pipeline)")
+    logger.warning(
+        "the bundled trained model cheers-tiny-shapes is not installed: using a tiny model with "
+        "RANDOM weights (its outputs are noise; it exercises the whole pipeline)"
+    )
     return random_tiny_model_dir()
 
 
@@ -43,7 +48,6 @@ def random_tiny_model_dir(directory: Path | None = None, seed: int = 0) -> Path:
     import torch
 
     from cheers.config import preset
-    from cheers.data.shapes.tokenizer import ASSET_DIR
     from cheers.models.cheers import Cheers
     from cheers.models.pretrained import save_pretrained
     from cheers.processor import CheersProcessor
@@ -53,7 +57,7 @@ def random_tiny_model_dir(directory: Path | None = None, seed: int = 0) -> Path:
         return directory
     staging = directory.with_name(directory.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
-    for f in ASSET_DIR.iterdir():  # the shipped ShapesWorld tokenizer
+    for f in SHAPES_TOKENIZER_DIR.iterdir():
         shutil.copy(f, staging / f.name)
     processor = CheersProcessor.from_pretrained(staging, image_size=128, patch_size=16)
     vocab = len(processor.tokenizer)
@@ -63,8 +67,18 @@ def random_tiny_model_dir(directory: Path | None = None, seed: int = 0) -> Path:
     processor.save_pretrained(staging)
     save_pretrained(model, staging)
     # an untrained model gains nothing from many steps: keep the demo quick
-    (staging / "sampling_defaults.json").write_text(json.dumps(
-        {"num_inference_steps": 8, "guidance_scale": 3.0, "shift": 0.5, "edit_num_inference_steps": 8,
-         "edit_guidance_scale": 3.0}, indent=2) + "\n")
+    (staging / "sampling_defaults.json").write_text(
+        json.dumps(
+            {
+                "num_inference_steps": 8,
+                "guidance_scale": 3.0,
+                "shift": 0.5,
+                "edit_num_inference_steps": 8,
+                "edit_guidance_scale": 3.0,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     staging.rename(directory)
     return directory

@@ -99,7 +99,8 @@ def parse_record(
         expected = ROLES[i % 2]
         if t["from"] != expected:
             raise RecordError(
-                f"{where} (id {rid}): turn {i} is from {t['from']!r}, expected {expected!r} (turns alternate, human first)"
+                f"{where} (id {rid}): turn {i} is from {t['from']!r}, expected {expected!r} "
+                "(turns alternate, human first)"
             )
         turns.append(Turn(t["from"], t["value"]))
     paths = _split_paths(obj.get("image"), where, rid)
@@ -110,7 +111,8 @@ def parse_record(
         raise RecordError(f"{where} (id {rid}): {IMAGE_TOKEN} may only appear in human turns")
     if len(markers) != len(paths):
         raise RecordError(
-            f"{where} (id {rid}): {len(markers)} image marker(s) {[m[1] for m in markers]} but {len(paths)} image path(s) {paths}"
+            f"{where} (id {rid}): {len(markers)} image marker(s) {[m[1] for m in markers]} "
+            f"but {len(paths)} image path(s) {paths}"
         )
     kinds = tuple(m[1] for m in markers)
     kind: RecordKind

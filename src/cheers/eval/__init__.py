@@ -1,4 +1,5 @@
-"""Evaluation: images for the official GenEval and DPG-Bench scorers, VLMEvalKit understanding, ShapesBench, plots.
+"""Evaluation: images for the official GenEval and DPG-Bench scorers, VLMEvalKit understanding, ShapesBench,
+plots.
 
     runner.py        what the image runners share: sharding over RANK/WORLD_SIZE, seeds, atomic PNGs, manifest
     geneval.py       GenEval layout <out>/<i>/{metadata.jsonl, samples/<k>.png} (short and long prompt sets)

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from cheers.eval.runner import write_text_atomic
+from cheers.eval.train_hooks import recipe_hooks
+from cheers.training.config import apply_overrides, load_recipe, recipe_from_dict
+from cheers.training.loop import train
 
 logger = logging.getLogger(__name__)
 
@@ -73,21 +76,41 @@ class Pair:
     paper_claim: str
 
 
-GENEVAL = Metric("ShapesGenEval overall", ("geneval", "summary", "overall"), _count("geneval", "n_images"), +1)
+GENEVAL = Metric(
+    "ShapesGenEval overall", ("geneval", "summary", "overall"), _count("geneval", "n_images"), +1
+)
 FIDELITY = Metric("high-frequency fidelity", ("geneval", "hf_fidelity"), None, +1)
 VQA = Metric("ShapesVQA overall", ("vqa", "report", "overall"), _count("vqa", "report", "n"), 0)
 OCR = Metric("OCR", ("vqa", "report", "ocr_accuracy"), _vqa_type_count("ocr"), +1)
 
 PAIR_SPECS: dict[str, Pair] = {
-    "hfi": Pair("hfi", "(a) high-frequency injection (paper Table 5)", "base", "no_hfi", ("geneval", "vqa"),
-                (GENEVAL, FIDELITY, VQA),
-                "HFI improves generation (GenEval, detail) and leaves understanding unchanged"),
-    "pixrec": Pair("pixrec", "(b) pixel reconstruction before the ViT (paper Table 6)", "base", "no_pixrec",
-                   ("vqa",), (OCR, Metric("ShapesVQA overall", VQA.path, VQA.count, +1)),
-                   "decoding z_t to pixels before the ViT improves OCR and VQA"),
-    "joint": Pair("joint", "(c) generation + understanding vs understanding-only fine-tuning", "ft_gen_und",
-                  "ft_und", ("vqa",), (Metric("ShapesVQA overall", VQA.path, VQA.count, +1),),
-                  "joint generation + understanding training does not cost understanding (paper: it helps)"),
+    "hfi": Pair(
+        "hfi",
+        "(a) high-frequency injection (paper Table 5)",
+        "base",
+        "no_hfi",
+        ("geneval", "vqa"),
+        (GENEVAL, FIDELITY, VQA),
+        "HFI improves generation (GenEval, detail) and leaves understanding unchanged",
+    ),
+    "pixrec": Pair(
+        "pixrec",
+        "(b) pixel reconstruction before the ViT (paper Table 6)",
+        "base",
+        "no_pixrec",
+        ("vqa",),
+        (OCR, Metric("ShapesVQA overall", VQA.path, VQA.count, +1)),
+        "decoding z_t to pixels before the ViT improves OCR and VQA",
+    ),
+    "joint": Pair(
+        "joint",
+        "(c) generation + understanding vs understanding-only fine-tuning",
+        "ft_gen_und",
+        "ft_und",
+        ("vqa",),
+        (Metric("ShapesVQA overall", VQA.path, VQA.count, +1),),
+        "joint generation + understanding training does not cost understanding (paper: it helps)",
+    ),
 }
 
 
@@ -129,8 +152,11 @@ def run_specs(cfg: AblationConfig) -> dict[str, dict[str, Any]]:
         specs["no_pixrec"] = {**budget, "model.overrides": {"options.pixel_reconstruction": False}}
     if "joint" in cfg.pairs:
         specs["ft_und"] = {**budget, "train.steps": cfg.finetune_steps, "_finetune": ("understanding",)}
-        specs["ft_gen_und"] = {**budget, "train.steps": cfg.finetune_steps,
-                               "_finetune": ("understanding", "generation")}
+        specs["ft_gen_und"] = {
+            **budget,
+            "train.steps": cfg.finetune_steps,
+            "_finetune": ("understanding", "generation"),
+        }
     return specs
 
 
@@ -138,15 +164,17 @@ def _finetune_overrides(raw: dict[str, Any], base_export: Path, tasks: Sequence[
     sources = [s for s in raw["data"]["sources"] if s.get("task") in tasks]
     if {s.get("task") for s in sources} != set(tasks):
         raise ValueError(f"the recipe has no data source for each of {list(tasks)}")
-    return {"init.from_release": str(base_export), "init.vae": None, "init.llm": None, "init.vision": None,
-            "data.sources": sources}
+    return {
+        "init.from_release": str(base_export),
+        "init.vae": None,
+        "init.llm": None,
+        "init.vision": None,
+        "data.sources": sources,
+    }
 
 
 def train_run(cfg: AblationConfig, name: str, spec: dict[str, Any], out: Path) -> Path:
     """Train (or reuse, or resume) run ``name``; returns its release-layout export directory."""
-    from cheers.training.config import apply_overrides, load_recipe, recipe_from_dict
-    from cheers.training.loop import train
-
     run_dir = out / "runs" / name
     export = run_dir / "export"
     if (export / "config.json").is_file() and (run_dir / "DONE").is_file():
@@ -166,14 +194,16 @@ def train_run(cfg: AblationConfig, name: str, spec: dict[str, Any], out: Path) -
     raw["checkpoint"]["export"] = True
     raw["out"] = str(run_dir)
     recipe = recipe_from_dict(raw)
-    result = train(recipe, run_dir, resume=True)
+    result = train(recipe, run_dir, resume=True, hooks=recipe_hooks(recipe))
     if result.export_dir is None:
         raise RuntimeError(f"ablation run {name} finished without an export")
     write_text_atomic(run_dir / "DONE", json.dumps({"step": result.step}) + "\n")
     return Path(result.export_dir)
 
 
-def score_run(cfg: AblationConfig, name: str, export: Path, tasks: Sequence[str], out: Path) -> dict[str, Any]:
+def score_run(
+    cfg: AblationConfig, name: str, export: Path, tasks: Sequence[str], out: Path
+) -> dict[str, Any]:
     """ShapesBench of one run (cached in ``<out>/bench/<name>/shapes_bench.json`` when it has the tasks)."""
     from cheers.eval.shapes_bench import ShapesBenchConfig, run_shapes_bench
     from cheers.pipeline import CheersPipeline
@@ -203,8 +233,17 @@ def compare(pair: Pair, with_report: dict[str, Any], without_report: dict[str, A
             if na and nb:
                 se = math.sqrt(max(a * (1 - a), 0) / na + max(b * (1 - b), 0) / nb)
                 se = max(se, 0.5 / max(na, nb))  # never claim more precision than one trial
-        rows.append({"metric": m.name, "with": float(a), "without": float(b), "diff": diff, "se": se,
-                     "paper": m.paper, "verdict": verdict(diff, se, m.paper)})
+        rows.append(
+            {
+                "metric": m.name,
+                "with": float(a),
+                "without": float(b),
+                "diff": diff,
+                "se": se,
+                "paper": m.paper,
+                "verdict": verdict(diff, se, m.paper),
+            }
+        )
     return rows
 
 
@@ -224,20 +263,31 @@ def verdict(diff: float, se: float | None, paper: int) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    lines = ["# Ablations on ShapesWorld", "",
-             f"Recipe `{cfg['recipe']}`, {cfg['steps']} steps per from-scratch run, {cfg['finetune_steps']} per "
-             f"fine-tune, one seed; ShapesBench n={cfg['n']} (held-out seeds), {cfg['num_images']} images per "
-             "prompt. SE: binomial standard error of the difference; a trend is *reproduced* when the "
-             "difference has the paper's sign and exceeds 2 SE.", ""]
+    lines = [
+        "# Ablations on ShapesWorld",
+        "",
+        f"Recipe `{cfg['recipe']}`, {cfg['steps']} steps per from-scratch run, {cfg['finetune_steps']} per "
+        f"fine-tune, one seed; ShapesBench n={cfg['n']} (held-out seeds), {cfg['num_images']} images per "
+        "prompt. SE: binomial standard error of the difference; a trend is *reproduced* when the "
+        "difference has the paper's sign and exceeds 2 SE.",
+        "",
+    ]
     for name, pair in results["pairs"].items():
         spec = PAIR_SPECS[name]
-        lines += [f"## {spec.title}", "", f"Paper: {spec.paper_claim}. Runs: `{spec.with_run}` (with) vs "
-                  f"`{spec.without_run}` (without).", "",
-                  "| metric | with | without | diff | SE | verdict |", "|---|---:|---:|---:|---:|---|"]
+        lines += [
+            f"## {spec.title}",
+            "",
+            f"Paper: {spec.paper_claim}. Runs: `{spec.with_run}` (with) vs `{spec.without_run}` (without).",
+            "",
+            "| metric | with | without | diff | SE | verdict |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
         for r in pair["rows"]:
             se = "—" if r["se"] is None else f"{r['se']:.3f}"
-            lines.append(f"| {r['metric']} | {r['with']:.3f} | {r['without']:.3f} | {r['diff']:+.3f} | {se} | "
-                         f"{r['verdict']} |")
+            lines.append(
+                f"| {r['metric']} | {r['with']:.3f} | {r['without']:.3f} | {r['diff']:+.3f} | {se} | "
+                f"{r['verdict']} |"
+            )
         lines.append("")
     lines += ["![ablations](ablations.png)", ""]
     return "\n".join(lines)
@@ -252,11 +302,20 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     for ax, (name, pair) in zip(axes, pairs):
         rows = pair["rows"]
         x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], [r["with"] for r in rows], 0.4, label="with",
-               yerr=[r["se"] or 0 for r in rows], capsize=3)
+        ax.bar(
+            [i - 0.2 for i in x],
+            [r["with"] for r in rows],
+            0.4,
+            label="with",
+            yerr=[r["se"] or 0 for r in rows],
+            capsize=3,
+        )
         ax.bar([i + 0.2 for i in x], [r["without"] for r in rows], 0.4, label="without")
-        ax.set_xticks(list(x), [r["metric"].replace("ShapesGenEval", "GenEval").replace("ShapesVQA", "VQA")
-                                for r in rows], fontsize=7)
+        ax.set_xticks(
+            list(x),
+            [r["metric"].replace("ShapesGenEval", "GenEval").replace("ShapesVQA", "VQA") for r in rows],
+            fontsize=7,
+        )
         ax.set_ylim(0, 1)
         ax.set_title(PAIR_SPECS[name].title, fontsize=8)
         ax.legend(fontsize=7)
@@ -279,8 +338,11 @@ def run_ablations(cfg: AblationConfig, out: str | Path) -> dict[str, Any]:
     results: dict[str, Any] = {"config": asdict(cfg), "pairs": {}}
     for p in cfg.pairs:
         spec = PAIR_SPECS[p]
-        results["pairs"][p] = {"with": spec.with_run, "without": spec.without_run,
-                               "rows": compare(spec, reports[spec.with_run], reports[spec.without_run])}
+        results["pairs"][p] = {
+            "with": spec.with_run,
+            "without": spec.without_run,
+            "rows": compare(spec, reports[spec.with_run], reports[spec.without_run]),
+        }
     write_text_atomic(out / "ablations.json", json.dumps(results, indent=1) + "\n")
     write_text_atomic(out / "ablations.md", markdown(results))
     plot(results, out / "ablations.png")

@@ -43,9 +43,17 @@ def _sampling_args(p: argparse.ArgumentParser, num_images: int = 4) -> None:
         "--seed", type=int, default=0, help="base seed: image k of prompt i uses seed + 1000 i + k"
     )
     p.add_argument("--batch-size", type=int, default=4, help="images per model call (speed only)")
-    p.add_argument("--solver", default=None, help="euler | multistep | heun | midpoint (default: the model's)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
-                   help="guide only for t in [T_LO, T_HI] (default: the model's, normally everywhere)")
+    p.add_argument(
+        "--solver", default=None, help="euler | multistep | heun | midpoint (default: the model's)"
+    )
+    p.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("T_LO", "T_HI"),
+        help="guide only for t in [T_LO, T_HI] (default: the model's, normally everywhere)",
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument(
         "--template",
@@ -169,12 +177,15 @@ def cmd_shapes(args: argparse.Namespace) -> int:
         if gain:
             print(f"relative prompt gain {gain['relative_gain']:+.4f} ({gain['n']} samples)")
         if dense:
-            print(f"dense prompts: background colour {dense['accuracy']:.4f} (vs another prompt's "
-                  f"{dense['other_prompt']:.4f})")
+            print(
+                f"dense prompts: background colour {dense['accuracy']:.4f} (vs another prompt's "
+                f"{dense['other_prompt']:.4f})"
+            )
     if "vqa" in report:
         r = report["vqa"]["report"]
         print(
-            f"ShapesVQA overall {r['overall']:.4f} (yes/no F1 {r['yes_no_f1']:.4f}, OCR {r['ocr_accuracy']:.4f})"
+            f"ShapesVQA overall {r['overall']:.4f} "
+            f"(yes/no F1 {r['yes_no_f1']:.4f}, OCR {r['ocr_accuracy']:.4f})"
         )
     if "edit" in report:
         print(f"ShapesEdit correct {report['edit']['summary']['correct']:.4f}")
@@ -183,9 +194,16 @@ def cmd_shapes(args: argparse.Namespace) -> int:
         from .runner import write_text_atomic
         from .scorecard import make_scorecard
 
-        options = (("n", args.n), ("num-images", args.num_images), ("tasks", args.tasks), ("steps", args.steps),
-                   ("guidance", args.guidance), ("shift", args.shift), ("seed", args.seed or None),
-                   ("split", None if args.split == "test" else args.split))
+        options = (
+            ("n", args.n),
+            ("num-images", args.num_images),
+            ("tasks", args.tasks),
+            ("steps", args.steps),
+            ("guidance", args.guidance),
+            ("shift", args.shift),
+            ("seed", args.seed or None),
+            ("split", None if args.split == "test" else args.split),
+        )
         command = "cheers eval shapes " + " ".join(f"--{k} {v}" for k, v in options if v is not None)
         card = make_scorecard(report, command)
         write_text_atomic(Path(args.scorecard), json.dumps(card, indent=1, sort_keys=True) + "\n")
@@ -204,8 +222,13 @@ def cmd_prompt_gain(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise SystemExit(f"--n must be at least 2 (prompts are swapped between samples), got {args.n}")
     pipe = _pipeline(args)
-    result = prompt_gain(pipe.model, pipe.processor, shapes_generation_records(args.n, args.split), times,
-                         batch_size=args.batch_size)
+    result = prompt_gain(
+        pipe.model,
+        pipe.processor,
+        shapes_generation_records(args.n, args.split),
+        times,
+        batch_size=args.batch_size,
+    )
     print(result.table())
     if args.out:
         write_text_atomic(Path(args.out), json.dumps(result.as_dict(), indent=1) + "\n")
@@ -217,9 +240,14 @@ def cmd_ladder(args: argparse.Namespace) -> int:
     from .ladder import LadderConfig, run_ladder
 
     try:
-        cfg = LadderConfig(rung=args.rung, scale=args.scale, steps=args.steps, seed=args.seed,
-                           resolution=args.resolution or (64 if args.rung in ("L0", "L1") else 128),
-                           control=not args.no_control).with_overrides(args.set)
+        cfg = LadderConfig(
+            rung=args.rung,
+            scale=args.scale,
+            steps=args.steps,
+            seed=args.seed,
+            resolution=args.resolution or (64 if args.rung in ("L0", "L1") else 128),
+            control=not args.no_control,
+        ).with_overrides(args.set)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"cheers eval ladder: {err}") from None
     if args.threads:
@@ -230,8 +258,10 @@ def cmd_ladder(args: argparse.Namespace) -> int:
     for name in ("cheers", "control"):
         if name in summary:
             r = summary[name]
-            print(f"{name:8s} prompt gain {r['prompt_gain']['relative_gain']:+.4f}  judge {r['score']:.2f} "
-                  f"(other prompt {r['other_prompt_score']:.2f})  {r['train_minutes']:.1f} min")
+            print(
+                f"{name:8s} prompt gain {r['prompt_gain']['relative_gain']:+.4f}  judge {r['score']:.2f} "
+                f"(other prompt {r['other_prompt_score']:.2f})  {r['train_minutes']:.1f} min"
+            )
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0
 
@@ -264,7 +294,9 @@ def cmd_plot_scorecards(args: argparse.Namespace) -> int:
         except ValueError:
             seen = -1.0
         if not sep or seen < 0:
-            raise SystemExit(f"--point wants SAMPLES=SCORECARD (e.g. 381280=runs/b/scorecard.json), got {spec!r}")
+            raise SystemExit(
+                f"--point wants SAMPLES=SCORECARD (e.g. 381280=runs/b/scorecard.json), got {spec!r}"
+            )
         file = Path(path)
         if not file.is_file():
             raise SystemExit(f"--point {spec!r}: no scorecard at {file}")
@@ -313,7 +345,8 @@ def cmd_plot_settings(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``eval {geneval,dpg,shapes,prompt-gain,vae-ceiling}`` on an argparse subparsers object; returns the parser."""
+    """Register ``eval {geneval,dpg,shapes,prompt-gain,vae-ceiling}`` on an argparse subparsers object;
+    returns the parser."""
     p = subparsers.add_parser(
         "eval", help="benchmarks: GenEval, DPG-Bench (images for their scorers), ShapesBench"
     )
@@ -347,23 +380,42 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     s.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--guidance", type=float, default=None)
-    s.add_argument("--shift", type=float, default=None, help="the release's time-shift alpha (default: the model's)")
-    s.add_argument("--solver", default=None, help="euler | multistep | heun | midpoint (default: the model's)")
+    s.add_argument(
+        "--shift", type=float, default=None, help="the release's time-shift alpha (default: the model's)"
+    )
+    s.add_argument(
+        "--solver", default=None, help="euler | multistep | heun | midpoint (default: the model's)"
+    )
     s.add_argument("--edit-steps", type=int, default=None)
     s.add_argument("--edit-guidance", type=float, default=None)
     s.add_argument("--max-new-tokens", type=int, default=16, help="VQA answer length (default 16)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--split", choices=("test", "val"), default="test",
-                   help="held-out seeds: test (scorecards, default) or val (to choose settings without touching test)")
-    s.add_argument("--prompt-gain-n", type=int, default=64,
-                   help="held-out samples for the relative prompt gain (default 64; 0 skips it)")
-    s.add_argument("--scorecard", default=None, metavar="FILE",
-                   help="also write the compact scorecard (summaries + per-item verdicts) that ships with a model")
+    s.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="held-out seeds: test (scorecards, default) or val (to choose settings without touching test)",
+    )
+    s.add_argument(
+        "--prompt-gain-n",
+        type=int,
+        default=64,
+        help="held-out samples for the relative prompt gain (default 64; 0 skips it)",
+    )
+    s.add_argument(
+        "--scorecard",
+        default=None,
+        metavar="FILE",
+        help="also write the compact scorecard (summaries + per-item verdicts) that ships with a model",
+    )
     _model_args(s)
     s.set_defaults(func=cmd_shapes)
 
-    c = sub.add_parser("prompt-gain", help="does generation use the prompt? flow loss with each sample's own "
-                                            "prompt vs another's, per flow time (ShapesWorld prompts)")
+    c = sub.add_parser(
+        "prompt-gain",
+        help="does generation use the prompt? flow loss with each sample's own "
+        "prompt vs another's, per flow time (ShapesWorld prompts)",
+    )
     c.add_argument("--n", type=int, default=64, help="generation samples (default 64)")
     c.add_argument("--split", choices=("val", "test"), default="val")
     c.add_argument("--times", default="0.1,0.3,0.5,0.7,0.9", help="flow times (0 = noise), comma-separated")
@@ -372,23 +424,34 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     _model_args(c)
     c.set_defaults(func=cmd_prompt_gain)
 
-    lad = sub.add_parser("ladder", help="learnability ladder: train a micro Cheers and a pooled-prompt DiT control "
-                                        "on one ShapesWorld rung (L0 colour ... L3 full world); report prompt "
-                                        "gain and judge score (report.md/.json/.png)")
+    lad = sub.add_parser(
+        "ladder",
+        help="learnability ladder: train a micro Cheers and a pooled-prompt DiT control "
+        "on one ShapesWorld rung (L0 colour ... L3 full world); report prompt "
+        "gain and judge score (report.md/.json/.png)",
+    )
     lad.add_argument("--rung", choices=("L0", "L1", "L2", "L3"), default="L0")
     lad.add_argument("--scale", choices=("micro", "tiny"), default="micro")
     lad.add_argument("--steps", type=int, default=1000, help="training steps of 32 samples (default 1000)")
     lad.add_argument("--seed", type=int, default=0)
     lad.add_argument("--resolution", type=int, default=None, help="pixels (default 64 for L0/L1, 128 above)")
     lad.add_argument("--no-control", action="store_true", help="skip the control model")
-    lad.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                     help="any LadderConfig field, e.g. lr=3e-4, time_kind=logit_normal, llm_init_std=0.09")
+    lad.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any LadderConfig field, e.g. lr=3e-4, time_kind=logit_normal, llm_init_std=0.09",
+    )
     lad.add_argument("--threads", type=int, default=None)
     lad.add_argument("--out", "-o", required=True, help="report folder")
     lad.set_defaults(func=cmd_ladder)
 
-    v = sub.add_parser("vae-ceiling", help="ShapesGenEval of reference renders through a VAE: the best a "
-                                           "generator could score through it (check a stage-0 VAE with it)")
+    v = sub.add_parser(
+        "vae-ceiling",
+        help="ShapesGenEval of reference renders through a VAE: the best a "
+        "generator could score through it (check a stage-0 VAE with it)",
+    )
     v.add_argument("vae", help="a stage-0 output (<run>/vae) or a release-layout model directory")
     v.add_argument("--n", type=int, default=20, help="prompts per GenEval tag (default 20)")
     v.set_defaults(func=cmd_vae_ceiling)
@@ -396,7 +459,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``plot {curves,scorecards,hfi,settings}`` on an argparse subparsers object; returns the parser."""
+    """Register ``plot {curves,scorecards,hfi,settings}`` on an argparse subparsers object; returns the
+    parser."""
     p = subparsers.add_parser(
         "plot", help="figures: scores over training steps, HFI gate over denoising steps"
     )
@@ -411,9 +475,16 @@ def add_plot_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     c.add_argument("--out", "-o", default="curves.png")
     c.set_defaults(func=cmd_plot_curves)
 
-    k = sub.add_parser("scorecards", help="ShapesBench figures of several scorecards against training samples seen")
-    k.add_argument("--point", action="append", required=True, metavar="SAMPLES=SCORECARD",
-                   help="a scorecard JSON and the samples its model had seen (repeat)")
+    k = sub.add_parser(
+        "scorecards", help="ShapesBench figures of several scorecards against training samples seen"
+    )
+    k.add_argument(
+        "--point",
+        action="append",
+        required=True,
+        metavar="SAMPLES=SCORECARD",
+        help="a scorecard JSON and the samples its model had seen (repeat)",
+    )
     k.add_argument("--title", default=None)
     k.add_argument("--out", "-o", default="scorecards.png")
     k.set_defaults(func=cmd_plot_scorecards)
@@ -449,9 +520,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
         args.finetune_from = str(default_model_dir())
 
-    cfg = AblationConfig(recipe=args.recipe, steps=args.steps, finetune_steps=args.finetune_steps,
-                         micro_batch=args.micro_batch, finetune_from=args.finetune_from, pairs=tuple(p for p in args.pairs.split(",") if p),
-                         n=args.n, num_images=args.num_images, overrides=list(args.overrides))
+    cfg = AblationConfig(
+        recipe=args.recipe,
+        steps=args.steps,
+        finetune_steps=args.finetune_steps,
+        micro_batch=args.micro_batch,
+        finetune_from=args.finetune_from,
+        pairs=tuple(p for p in args.pairs.split(",") if p),
+        n=args.n,
+        num_images=args.num_images,
+        overrides=list(args.overrides),
+    )
     results = run_ablations(cfg, args.out)
     for name, pair in results["pairs"].items():
         for r in pair["rows"]:
@@ -464,21 +543,36 @@ def add_ablate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Register ``ablate``: the paper's ablations as matched ShapesWorld runs (see cheers.eval.ablations)."""
     from .ablations import PAIRS
 
-    a = subparsers.add_parser("ablate", help="train matched pairs (HFI, pixel reconstruction, joint training) "
-                                             "from one seed and budget and report ShapesBench differences")
-    a.add_argument("--out", "-o", required=True, help="ablation folder (a rerun reuses finished runs, resumes others)")
+    a = subparsers.add_parser(
+        "ablate",
+        help="train matched pairs (HFI, pixel reconstruction, joint training) "
+        "from one seed and budget and report ShapesBench differences",
+    )
+    a.add_argument(
+        "--out", "-o", required=True, help="ablation folder (a rerun reuses finished runs, resumes others)"
+    )
     a.add_argument("--recipe", default="tiny-shapes", help="base recipe (default tiny-shapes)")
     a.add_argument("--steps", type=int, default=600, help="optimizer steps of each from-scratch run")
     a.add_argument("--finetune-steps", type=int, default=200, help="steps of each fine-tune (joint pair)")
     a.add_argument("--micro-batch", type=int, default=None, help="batch of every run (default: the recipe's)")
-    a.add_argument("--finetune-from", default=None, metavar="DIR",
-                   help="model the joint-training fine-tunes start from (default: the base run; 'default': the "
-                        "bundled model)")
+    a.add_argument(
+        "--finetune-from",
+        default=None,
+        metavar="DIR",
+        help="model the joint-training fine-tunes start from (default: the base run; 'default': the "
+        "bundled model)",
+    )
     a.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}")
     a.add_argument("--n", type=int, default=20, help="ShapesBench size per task (default 20)")
     a.add_argument("--num-images", type=int, default=2, help="images per ShapesGenEval prompt (default 2)")
-    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override for every run, e.g. --set init.vae=runs/shapes-vae/vae")
+    a.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for every run, e.g. --set init.vae=runs/shapes-vae/vae",
+    )
     a.set_defaults(func=cmd_ablate)
     return a
 

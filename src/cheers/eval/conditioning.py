@@ -7,7 +7,7 @@ sample's prompt (the batch rolled by one) and with the CFG-unconditional prompt.
 ``loss(other prompt) - loss(own prompt)``: zero for a model that ignores the text, positive when it uses it.
 It is reported per flow time (``t = 0`` is noise), since the text decides most where the latent is noisy.
 
-    cheers eval prompt-gain --n 64                         # the bundled model on ShapesWorld validation prompts
+    cheers eval prompt-gain --n 64            # the bundled model on ShapesWorld validation prompts
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cheers.data.collate import collate
+from cheers.data.samples import SampleBuilder
+from cheers.data.shapes import make_sample, split_seeds
 from cheers.models.cheers import Cheers
 from cheers.processor import CheersProcessor
 
@@ -55,11 +58,10 @@ class PromptGain:
 
 
 def shapes_generation_records(n: int, split: str = "val", first: int = 0) -> list[tuple[dict, list]]:
-    """``n`` ShapesWorld generation samples (record, images) of a held-out split, as the trainer reads them."""
-    from cheers.data.shapes import make_sample, split_seeds
-
+    """``n`` ShapesWorld generation samples (record, images) of a held-out split, as the trainer reads
+    them."""
     out = []
-    for seed in split_seeds(split)[first:first + n]:
+    for seed in split_seeds(split)[first : first + n]:
         sample = make_sample(int(seed), "generation")
         images = sample.pop("images")
         out.append((sample, images))
@@ -67,8 +69,14 @@ def shapes_generation_records(n: int, split: str = "val", first: int = 0) -> lis
 
 
 @torch.no_grad()
-def prompt_gain(model: Cheers, processor: CheersProcessor, records: Sequence[tuple[dict, list]],
-                times: Sequence[float] = DEFAULT_TIMES, batch_size: int = 32, seed: int = 0) -> PromptGain:
+def prompt_gain(
+    model: Cheers,
+    processor: CheersProcessor,
+    records: Sequence[tuple[dict, list]],
+    times: Sequence[float] = DEFAULT_TIMES,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> PromptGain:
     """Flow losses of generation ``records`` with their own, another sample's and the unconditional prompt.
 
     Args:
@@ -76,9 +84,6 @@ def prompt_gain(model: Cheers, processor: CheersProcessor, records: Sequence[tup
         times: flow times to evaluate at (each image at each time, same noise throughout).
         batch_size: samples per forward.
     """
-    from cheers.training.collate import collate
-    from cheers.training.samples import SampleBuilder
-
     if len(records) < 2:
         raise ValueError(f"need at least 2 records to swap prompts between, got {len(records)}")
     if not times or not all(0 <= t < 1 for t in times):
@@ -90,10 +95,16 @@ def prompt_gain(model: Cheers, processor: CheersProcessor, records: Sequence[tup
     uncond_builder = SampleBuilder(processor, shape, cfg_dropout=1.0)
     own = [own_builder(rec, images, seed + i) for i, (rec, images) in enumerate(records)]
     if any(s.task != "generation" for s in own):
-        raise ValueError("every record must be a text-to-image sample (one <image_gen> image, no input image)")
+        raise ValueError(
+            "every record must be a text-to-image sample (one <image_gen> image, no input image)"
+        )
     uncond = [uncond_builder(rec, images, seed + i) for i, (rec, images) in enumerate(records)]
-    rolled = [dataclasses.replace(s, input_ids=own[(i + 1) % len(own)].input_ids,
-                                  labels=own[(i + 1) % len(own)].labels) for i, s in enumerate(own)]
+    rolled = [
+        dataclasses.replace(
+            s, input_ids=own[(i + 1) % len(own)].input_ids, labels=own[(i + 1) % len(own)].labels
+        )
+        for i, s in enumerate(own)
+    ]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -101,7 +112,7 @@ def prompt_gain(model: Cheers, processor: CheersProcessor, records: Sequence[tup
     try:
         for start in range(0, len(own), batch_size):
             for k, samples in enumerate((own, rolled, uncond)):
-                batch = collate(samples[start:start + batch_size], processor.special.pad).to(device)
+                batch = collate(samples[start : start + batch_size], processor.special.pad).to(device)
                 for j, t in enumerate(times):
                     batch.t = torch.full_like(batch.t, float(t))
                     out = model(**batch.model_inputs())
@@ -109,4 +120,6 @@ def prompt_gain(model: Cheers, processor: CheersProcessor, records: Sequence[tup
     finally:
         model.train(was_training)
     means = sums / len(own)
-    return PromptGain(tuple(float(t) for t in times), *(tuple(float(v) for v in row) for row in means), n=len(own))
+    return PromptGain(
+        tuple(float(t) for t in times), *(tuple(float(v) for v in row) for row in means), n=len(own)
+    )

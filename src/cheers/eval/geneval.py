@@ -1,4 +1,5 @@
-"""GenEval: images for the official scorer (github.com/djghosh13/geneval), sharded over processes and resumable.
+"""GenEval: images for the official scorer (github.com/djghosh13/geneval), sharded over processes and
+resumable.
 
 Layout (what ``geneval/evaluation/evaluate_images.py`` reads)::
 

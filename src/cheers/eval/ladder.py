@@ -2,9 +2,9 @@
 
 One run trains, from one seed, a micro (or tiny) Cheers on one rung of :mod:`cheers.data.shapes.ladder` and,
 on the very same batches (same images, flow times, noise and CFG dropout), a **control**: a plain DiT on the
-latent z_t whose AdaLN condition is the time embedding plus an MLP of the mean of learned embeddings of the same
-prompt tokens. Both share the bundled model's VAE (frozen; Cheers also keeps its frozen pixel decoder), the
-optimiser and the step budget, so "learnable at this budget" is measured on the control, not assumed.
+latent z_t whose AdaLN condition is the time embedding plus an MLP of the mean of learned embeddings of the
+same prompt tokens. Both share the bundled model's VAE (frozen; Cheers also keeps its frozen pixel decoder),
+the optimiser and the step budget, so "learnable at this budget" is measured on the control, not assumed.
 
 Reported for both: the relative prompt gain (flow loss with another sample's prompt over the loss with the own
 prompt, see :mod:`cheers.eval.conditioning`), the judge's score of images generated from held-out prompts
@@ -31,17 +31,32 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from cheers.assets import default_model_dir
+from cheers.checkpoint import resolve_checkpoint_dir
+from cheers.data.collate import collate
+from cheers.data.samples import SampleBuilder, mix_seed
 from cheers.data.shapes.ladder import L0_COLORS, RUNG_TITLES, RungSample, check_rung, judge, rung_sample
 from cheers.data.shapes.prompts import GEN_SUFFIX
+from cheers.eval.conditioning import PromptGain, prompt_gain
+from cheers.eval.runner import write_text_atomic
 from cheers.flow import flow_loss, interpolate, velocity_target
 from cheers.models.cheers import Cheers
 from cheers.models.flow_head import DiTHead, TimestepEmbedder
+from cheers.models.pretrained import from_pretrained
+from cheers.models.vae_fast import install_fast_vae
+from cheers.pipeline import CheersPipeline, SamplingDefaults
 from cheers.processor import CheersProcessor
+from cheers.training.config import TrainSection
+from cheers.training.optim import build_optimizer, check_lr_multipliers, trainable_parameters
 
 SCALES: dict[str, dict[str, Any]] = {
     # 2 LLM layers of width 128 and a one-layer ViT: ~5 M trainable parameters (~0.5 s a step of 32 at 64 px)
-    "micro": {"text.hidden_size": 128, "text.intermediate_size": 384, "text.num_hidden_layers": 2,
-              "vision.num_hidden_layers": 1},
+    "micro": {
+        "text.hidden_size": 128,
+        "text.intermediate_size": 384,
+        "text.num_hidden_layers": 2,
+        "vision.num_hidden_layers": 1,
+    },
     "tiny": {},  # the bundled model's widths (preset tiny-shapes)
 }
 TRAIN_SEED_BASE = 0
@@ -98,8 +113,6 @@ class LadderConfig:
             raise ValueError(f"precision must be float32 or bf16, got {self.precision!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        from cheers.training.optim import check_lr_multipliers
-
         check_lr_multipliers(self.lr_multipliers)
         self.gain_times = tuple(float(t) for t in self.gain_times)
 
@@ -116,7 +129,9 @@ class LadderConfig:
         for pair in pairs:
             name, sep, raw = pair.partition("=")
             if not sep or name not in known:
-                raise ValueError(f"bad override {pair!r}: expected name=value with name one of {sorted(known)}")
+                raise ValueError(
+                    f"bad override {pair!r}: expected name=value with name one of {sorted(known)}"
+                )
             try:
                 changes[name] = json.loads(raw)
             except json.JSONDecodeError:
@@ -125,6 +140,7 @@ class LadderConfig:
 
 
 # -- data ---------------------------------------------------------------------------------------------------
+
 
 def training_batch(cfg: LadderConfig, step: int) -> list[RungSample]:
     """The rung samples of training step ``step`` (1-based): deterministic in (seed, step)."""
@@ -139,17 +155,17 @@ def eval_samples(cfg: LadderConfig) -> list[RungSample]:
 
 # -- models -------------------------------------------------------------------------------------------------
 
+
 def build_cheers(cfg: LadderConfig) -> tuple[Cheers, CheersProcessor]:
     """A fresh Cheers of ``cfg.scale`` with the base model's frozen VAE and pixel decoder; the rest random."""
-    from cheers.assets import default_model_dir
-    from cheers.checkpoint import resolve_checkpoint_dir
-    from cheers.models.pretrained import from_pretrained
-
     directory = default_model_dir() if cfg.model == "default" else resolve_checkpoint_dir(cfg.model)
     base = from_pretrained(directory, dtype=torch.float32, device=torch.device("cpu"))
     processor = CheersProcessor.from_pretrained(directory, image_size=cfg.resolution)
-    overrides = {**SCALES[cfg.scale], "vision.image_size": cfg.resolution,
-                 "options.high_frequency_injection": bool(cfg.hfi)}
+    overrides = {
+        **SCALES[cfg.scale],
+        "vision.image_size": cfg.resolution,
+        "options.high_frequency_injection": bool(cfg.hfi),
+    }
     model_cfg = base.config.replace(**overrides)
     torch.manual_seed(cfg.seed)
     model = Cheers(model_cfg, special=processor.special).float()
@@ -161,14 +177,22 @@ def build_cheers(cfg: LadderConfig) -> tuple[Cheers, CheersProcessor]:
     frozen = ("model.vae_model.", "model.vae_decoder_projector.")
     model.load_state_dict({k: v for k, v in base.state_dict().items() if k.startswith(frozen)}, strict=False)
     model.set_trainable(["vision_encoder", "und_projector", "llm", "flow_head", "hfi_gate"])
+    install_fast_vae(model)  # the frozen decoders' faster forms, for training and sampling alike
     return model, processor
 
 
 class PooledPromptDiT(nn.Module):
     """The control: DiT blocks on z_t tokens, AdaLN condition = temb(t) + MLP(mean prompt-token embedding)."""
 
-    def __init__(self, vocab_size: int, latent_channels: int, num_tokens: int, width: int = 128, depth: int = 4,
-                 heads: int = 4) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        latent_channels: int,
+        num_tokens: int,
+        width: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, width)
         self.inp = nn.Linear(latent_channels, width)
@@ -178,8 +202,9 @@ class PooledPromptDiT(nn.Module):
         self.head = DiTHead(width, depth, heads, heads, out_dim=latent_channels)
         self.head.zero_init()
 
-    def forward(self, input_ids: torch.Tensor, token_mask: torch.Tensor, x_t: torch.Tensor,
-                t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_mask: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """ids (B, L), mask (B, L) real prompt tokens, x_t (B, C, h, w), t (B,) -> velocity (B, C, h, w)."""
         mask = token_mask.to(x_t.dtype)[..., None]  # (B, L, 1)
         pooled = (self.embed(input_ids.clamp(min=0)) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
@@ -195,26 +220,28 @@ def control_loss(control: PooledPromptDiT, vae, batch, pad_id: int, input_ids: t
         z1 = vae.encode(batch.pixel_values.float())
     x_t = interpolate(z1, batch.x0, batch.t)
     v = control(ids, (ids >= 0) & (ids != pad_id), x_t, batch.t)
-    return flow_loss(rearrange(v, "b c h w -> b (h w) c"),
-                     rearrange(velocity_target(z1, batch.x0, batch.t), "b c h w -> b (h w) c"))
+    return flow_loss(
+        rearrange(v, "b c h w -> b (h w) c"),
+        rearrange(velocity_target(z1, batch.x0, batch.t), "b c h w -> b (h w) c"),
+    )
 
 
 # -- training -----------------------------------------------------------------------------------------------
+
 
 def train(cfg: LadderConfig, progress: bool = True) -> dict[str, Any]:
     """Train Cheers (and the control) on ``cfg.rung``; returns the models, processor and loss curves."""
     from tqdm.auto import tqdm
 
-    from cheers.training.collate import collate
-    from cheers.training.config import TrainSection
-    from cheers.training.optim import build_optimizer, trainable_parameters
-    from cheers.training.samples import SampleBuilder, mix_seed
-
     model, processor = build_cheers(cfg)
     mcfg = model.config
     grid = cfg.resolution // mcfg.patch_size
-    builder = SampleBuilder(processor, (mcfg.latent_channels, grid, grid), cfg_dropout=cfg.cfg_dropout,
-                            time_sampling=cfg.time_sampling)
+    builder = SampleBuilder(
+        processor,
+        (mcfg.latent_channels, grid, grid),
+        cfg_dropout=cfg.cfg_dropout,
+        time_sampling=cfg.time_sampling,
+    )
     named = trainable_parameters(model)
     params = [p for _, p in named]
     opt = build_optimizer(named, TrainSection(lr=cfg.lr, lr_multipliers=dict(cfg.lr_multipliers)))
@@ -228,8 +255,10 @@ def train(cfg: LadderConfig, progress: bool = True) -> dict[str, Any]:
     seconds = {"cheers": 0.0, "control": 0.0}
     model.train()
     for step in tqdm(range(1, cfg.steps + 1), desc=f"ladder {cfg.rung}", disable=not progress):
-        samples = [builder(s.record, [s.image], mix_seed(cfg.seed, step, k))
-                   for k, s in enumerate(training_batch(cfg, step))]
+        samples = [
+            builder(s.record, [s.image], mix_seed(cfg.seed, step, k))
+            for k, s in enumerate(training_batch(cfg, step))
+        ]
         batch = collate(samples, processor.special.pad)
         if cfg.blind:
             batch.input_ids = processor.cfg_dropout_ids(batch.input_ids)
@@ -260,16 +289,22 @@ def train(cfg: LadderConfig, progress: bool = True) -> dict[str, Any]:
 
 # -- evaluation ---------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def control_prompt_gain(control: PooledPromptDiT, vae, processor: CheersProcessor, samples: list[RungSample],
-                        times: tuple[float, ...], latent_shape: tuple[int, int, int], seed: int = 0):
-    """The control's flow losses with own / rolled / unconditional prompts (as :func:`prompt_gain`)."""
-    from cheers.eval.conditioning import PromptGain
-    from cheers.training.collate import collate
-    from cheers.training.samples import SampleBuilder
 
+@torch.no_grad()
+def control_prompt_gain(
+    control: PooledPromptDiT,
+    vae,
+    processor: CheersProcessor,
+    samples: list[RungSample],
+    times: tuple[float, ...],
+    latent_shape: tuple[int, int, int],
+    seed: int = 0,
+):
+    """The control's flow losses with own / rolled / unconditional prompts (as :func:`prompt_gain`)."""
     builder = SampleBuilder(processor, latent_shape, cfg_dropout=0.0)
-    batch = collate([builder(s.record, [s.image], seed + i) for i, s in enumerate(samples)], processor.special.pad)
+    batch = collate(
+        [builder(s.record, [s.image], seed + i) for i, s in enumerate(samples)], processor.special.pad
+    )
     uncond = processor.cfg_dropout_ids(batch.input_ids)
     rows = np.zeros((3, len(times)))
     for j, t in enumerate(times):
@@ -280,13 +315,18 @@ def control_prompt_gain(control: PooledPromptDiT, vae, processor: CheersProcesso
 
 
 @torch.no_grad()
-def control_images(control: PooledPromptDiT, vae, processor: CheersProcessor, prompts: list[str],
-                   seeds: list[int], latent_shape: tuple[int, int, int], steps: int, guidance: float):
+def control_images(
+    control: PooledPromptDiT,
+    vae,
+    processor: CheersProcessor,
+    prompts: list[str],
+    seeds: list[int],
+    latent_shape: tuple[int, int, int],
+    steps: int,
+    guidance: float,
+):
     """Euler samples of the control with classifier-free guidance (unconditional = the CFG-dropout ids)."""
     from PIL import Image
-
-    from cheers.training.collate import collate
-    from cheers.training.samples import SampleBuilder
 
     builder = SampleBuilder(processor, latent_shape, cfg_dropout=0.0)
     blank = Image.new("RGB", (processor.image_size,) * 2)
@@ -306,19 +346,28 @@ def control_images(control: PooledPromptDiT, vae, processor: CheersProcessor, pr
     return decode_images(vae, x), x
 
 
-def cheers_images(model: Cheers, processor: CheersProcessor, prompts: list[str], seeds: list[int],
-                  cfg: LadderConfig):
+def cheers_images(
+    model: Cheers, processor: CheersProcessor, prompts: list[str], seeds: list[int], cfg: LadderConfig
+):
     """Images of the trained Cheers through the pipeline (the bundled model's template and sampler)."""
-    from cheers.pipeline import CheersPipeline, SamplingDefaults
-
-    defaults = SamplingDefaults(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                                shift=1.0, prompt_template="{sentence}" + GEN_SUFFIX)
+    defaults = SamplingDefaults(
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        shift=1.0,
+        prompt_template="{sentence}" + GEN_SUFFIX,
+    )
     pipe = CheersPipeline(model, processor, defaults, progress=False)
     latents = []
     for start in range(0, len(prompts), 12):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + 12]]
-        latents.extend(pipe.generate(prompts[start:start + 12], generator=gens, prefix_image=cfg.prefix_image,
-                                     output_type="latent").images)
+        gens = [torch.Generator().manual_seed(s) for s in seeds[start : start + 12]]
+        latents.extend(
+            pipe.generate(
+                prompts[start : start + 12],
+                generator=gens,
+                prefix_image=cfg.prefix_image,
+                output_type="latent",
+            ).images
+        )
     latents = torch.stack(latents)
     # the pipeline returns one output type; decoding the latents again here costs ~1 s for a whole evaluation
     return decode_images(model.model.vae_model, latents), latents
@@ -335,7 +384,9 @@ def decode_images(vae, latents: torch.Tensor):
 @torch.no_grad()
 def vae_ceiling(vae, rung: str, samples: list[RungSample]) -> float:
     """The judge's score of the references after a VAE round trip: the best any generator can score here."""
-    pixels = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples]).float() / 255
+    pixels = (
+        torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in samples]).float() / 255
+    )
     return score(rung, decode_images(vae, vae.encode(pixels)), samples)["score"]
 
 
@@ -344,7 +395,8 @@ def latent_color_score(vae, latents: torch.Tensor, samples: list[RungSample], re
     """L0 judged in latent space: is the nearest of the nine solid-colour latents the named one?
 
     The bundled VAE decodes every saturated full-image colour to gray (it only ever saw gray, white and black
-    backgrounds), so the pixel judge caps L0 at 3/9; the latent tells whether the generator drew the colour."""
+    backgrounds), so the pixel judge caps L0 at 3/9; the latent tells whether the generator drew the
+    colour."""
     names = list(L0_COLORS)
     ref = torch.tensor([L0_COLORS[n] for n in names], dtype=torch.float32)[:, :, None, None] / 255
     ref = vae.encode(ref.expand(-1, -1, resolution, resolution).contiguous()).flatten(1)  # (9, C·h·w)
@@ -359,8 +411,13 @@ def score(rung: str, images, samples: list[RungSample]) -> dict[str, Any]:
     other = [judge(rung, img, samples[(i + 1) % len(samples)].spec)[0] for i, img in enumerate(images)]
     n = len(samples)
     acc, acc_other = float(np.mean([ok for ok, _ in own])), float(np.mean(other))
-    return {"score": acc, "score_se": binomial_se(acc, n), "other_prompt_score": acc_other, "n": n,
-            "read": [seen for _, seen in own]}
+    return {
+        "score": acc,
+        "score_se": binomial_se(acc, n),
+        "other_prompt_score": acc_other,
+        "n": n,
+        "read": [seen for _, seen in own],
+    }
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -369,10 +426,9 @@ def binomial_se(p: float, n: int) -> float:
 
 # -- one run, its report ------------------------------------------------------------------------------------
 
+
 def evaluate(cfg: LadderConfig, trained: dict[str, Any]) -> dict[str, Any]:
     """Prompt gain and judge scores of the trained models on the held-out prompts; keeps the images."""
-    from cheers.eval.conditioning import prompt_gain
-
     model, processor, control = trained["model"], trained["processor"], trained["control"]
     samples = eval_samples(cfg)
     prompts = [s.prompt for s in samples]
@@ -381,49 +437,80 @@ def evaluate(cfg: LadderConfig, trained: dict[str, Any]) -> dict[str, Any]:
     grid = cfg.resolution // mcfg.patch_size
     shape = (mcfg.latent_channels, grid, grid)
     results: dict[str, Any] = {}
-    gain = prompt_gain(model, processor, [({"id": f"eval-{k}", **s.record}, [s.image]) for k, s in enumerate(samples)],
-                       times=cfg.gain_times, batch_size=12)
+    gain = prompt_gain(
+        model,
+        processor,
+        [({"id": f"eval-{k}", **s.record}, [s.image]) for k, s in enumerate(samples)],
+        times=cfg.gain_times,
+        batch_size=12,
+    )
     vae = model.model.vae_model
     results["vae_ceiling"] = vae_ceiling(vae, cfg.rung, samples)
     images, latents = cheers_images(model, processor, prompts, seeds, cfg)
 
     def extra(latents: torch.Tensor) -> dict[str, float]:
-        return {"latent_score": latent_color_score(vae, latents, samples, cfg.resolution)} if cfg.rung == "L0" else {}
+        return (
+            {"latent_score": latent_color_score(vae, latents, samples, cfg.resolution)}
+            if cfg.rung == "L0"
+            else {}
+        )
 
-    results["cheers"] = {**extra(latents), "prompt_gain": gain.as_dict(), **score(cfg.rung, images, samples),
-                         "train_minutes": trained["seconds"]["cheers"] / 60,
-                         "final_loss": float(np.mean(trained["curves"]["cheers"][-50:]))}
+    results["cheers"] = {
+        **extra(latents),
+        "prompt_gain": gain.as_dict(),
+        **score(cfg.rung, images, samples),
+        "train_minutes": trained["seconds"]["cheers"] / 60,
+        "final_loss": float(np.mean(trained["curves"]["cheers"][-50:])),
+    }
     results["cheers"]["images"] = images
     if control is not None:
         cgain = control_prompt_gain(control, vae, processor, samples, cfg.gain_times, shape)
-        cimages, clatents = control_images(control, vae, processor, prompts, seeds, shape, cfg.num_inference_steps,
-                                 cfg.guidance_scale)
-        results["control"] = {**extra(clatents), "prompt_gain": cgain.as_dict(), **score(cfg.rung, cimages, samples),
-                              "train_minutes": trained["seconds"]["control"] / 60,
-                              "final_loss": float(np.mean(trained["curves"]["control"][-50:]))}
+        cimages, clatents = control_images(
+            control, vae, processor, prompts, seeds, shape, cfg.num_inference_steps, cfg.guidance_scale
+        )
+        results["control"] = {
+            **extra(clatents),
+            "prompt_gain": cgain.as_dict(),
+            **score(cfg.rung, cimages, samples),
+            "train_minutes": trained["seconds"]["control"] / 60,
+            "final_loss": float(np.mean(trained["curves"]["control"][-50:])),
+        }
         results["control"]["images"] = cimages
     results["samples"] = samples
     return results
 
 
 def markdown(cfg: LadderConfig, results: dict[str, Any]) -> str:
-    lines = [f"# Ladder {cfg.rung}: {RUNG_TITLES[cfg.rung]}", "",
-             f"{cfg.scale} Cheers vs the pooled-prompt DiT control, {cfg.steps} steps x {cfg.batch_size} samples, "
-             f"{cfg.resolution} px, lr {cfg.lr:g}, seed {cfg.seed}; judged on {cfg.eval_prompts} held-out prompts "
-             f"({cfg.num_inference_steps} Euler steps, guidance {cfg.guidance_scale:g}).", "",
-             f"Judge ceiling (the references through the VAE): {results['vae_ceiling']:.2f}.", "",
-             "| model | relative prompt gain | judge score | other-prompt score | L0 latent colour score "
-             "| final flow loss | train minutes |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Ladder {cfg.rung}: {RUNG_TITLES[cfg.rung]}",
+        "",
+        f"{cfg.scale} Cheers vs the pooled-prompt DiT control, {cfg.steps} steps x {cfg.batch_size} samples, "
+        f"{cfg.resolution} px, lr {cfg.lr:g}, seed {cfg.seed}; judged on {cfg.eval_prompts} held-out prompts "
+        f"({cfg.num_inference_steps} Euler steps, guidance {cfg.guidance_scale:g}).",
+        "",
+        f"Judge ceiling (the references through the VAE): {results['vae_ceiling']:.2f}.",
+        "",
+        "| model | relative prompt gain | judge score | other-prompt score | L0 latent colour score "
+        "| final flow loss | train minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in ("cheers", "control"):
         if name in results:
             r = results[name]
-            lines.append(f"| {name} | {r['prompt_gain']['relative_gain']:+.4f} | {r['score']:.2f} ± {r['score_se']:.2f}"
-                         f" | {r['other_prompt_score']:.2f} | {r.get('latent_score', float('nan')):.2f} | {r['final_loss']:.4f}"
-                         f" | {r['train_minutes']:.1f} |")
-    lines += ["", "Flow loss per time (own / other prompt):", "",
-              "| t | " + " | ".join(f"{n} own | {n} other" for n in ("cheers", "control") if n in results) + " |",
-              "|---:|" + "---:|---:|" * sum(n in results for n in ("cheers", "control"))]
+            lines.append(
+                f"| {name} | {r['prompt_gain']['relative_gain']:+.4f} "
+                f"| {r['score']:.2f} ± {r['score_se']:.2f}"
+                f" | {r['other_prompt_score']:.2f} | {r.get('latent_score', float('nan')):.2f}"
+                f" | {r['final_loss']:.4f}"
+                f" | {r['train_minutes']:.1f} |"
+            )
+    lines += [
+        "",
+        "Flow loss per time (own / other prompt):",
+        "",
+        "| t | " + " | ".join(f"{n} own | {n} other" for n in ("cheers", "control") if n in results) + " |",
+        "|---:|" + "---:|---:|" * sum(n in results for n in ("cheers", "control")),
+    ]
     for j, t in enumerate(cfg.gain_times):
         cells = []
         for n in ("cheers", "control"):
@@ -432,10 +519,18 @@ def markdown(cfg: LadderConfig, results: dict[str, Any]) -> str:
                 cells += [f"{g['own'][j]:.4f}", f"{g['other'][j]:.4f}"]
         lines.append(f"| {t:.2f} | " + " | ".join(cells) + " |")
     defaults = LadderConfig()
-    overrides = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                 if getattr(cfg, f.name) != getattr(defaults, f.name)}
-    lines += ["", f"Settings changed from the defaults: `{json.dumps(overrides, default=str)}`", "",
-              "![samples and loss curves](report.png)", ""]
+    overrides = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != getattr(defaults, f.name)
+    }
+    lines += [
+        "",
+        f"Settings changed from the defaults: `{json.dumps(overrides, default=str)}`",
+        "",
+        "![samples and loss curves](report.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -448,11 +543,14 @@ def figure(cfg: LadderConfig, results: dict[str, Any], trained: dict[str, Any], 
 
     names = [n for n in ("cheers", "control") if n in results]
     cols = min(9, cfg.eval_prompts)
-    fig, axes = plt.subplots(len(names) + 2, cols, figsize=(1.6 * cols, 1.75 * (len(names) + 2)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(names) + 2, cols, figsize=(1.6 * cols, 1.75 * (len(names) + 2)), squeeze=False
+    )
     for j in range(cols):
         s = results["samples"][j]
-        rows = [("reference", s.image, "")] + [(n, results[n]["images"][j], results[n]["read"][j]) for n in names]
+        rows = [("reference", s.image, "")] + [
+            (n, results[n]["images"][j], results[n]["read"][j]) for n in names
+        ]
         for i, (label, img, read) in enumerate(rows):
             ax = axes[i][j]
             ax.imshow(img)
@@ -481,8 +579,6 @@ def figure(cfg: LadderConfig, results: dict[str, Any], trained: dict[str, Any], 
 
 def run_ladder(cfg: LadderConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate and (with ``out``) write report.md / report.json / report.png; returns the figures."""
-    from cheers.eval.runner import write_text_atomic
-
     trained = train(cfg, progress=progress)
     results = evaluate(cfg, trained)
     summary = {"config": dataclasses.asdict(cfg), "vae_ceiling": results["vae_ceiling"]}
@@ -502,5 +598,7 @@ def run_ladder(cfg: LadderConfig, out: str | Path | None = None, progress: bool 
 def reads_its_prompt(result: dict[str, Any], min_gain: float = 0.1, min_latent_score: float = 0.25) -> bool:
     """The L0 check: the flow loss depends on the prompt (relative gain) and the drawn colour is the named one
     (judged on the latent; chance is 1/9). A prompt-blind model has a gain of exactly 0 and fails it."""
-    return (result["prompt_gain"]["relative_gain"] >= min_gain
-            and result.get("latent_score", result["score"]) >= min_latent_score)
+    return (
+        result["prompt_gain"]["relative_gain"] >= min_gain
+        and result.get("latent_score", result["score"]) >= min_latent_score
+    )

@@ -49,7 +49,8 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 
 def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of ``key``, sorted by step; the last record of a step wins; non-finite values dropped."""
+    """(steps, values) of ``key``, sorted by step; the last record of a step wins; non-finite values
+    dropped."""
     by_step: dict[float, float] = {}
     for rec in records:
         value = rec.get(key)

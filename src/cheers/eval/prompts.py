@@ -32,7 +32,8 @@ def geneval_object_names() -> list[str]:
 
 
 def dpg_prompts(directory: str | Path | None = None) -> list[tuple[str, str]]:
-    """DPG-Bench prompts as (name, text), sorted by name; ``directory`` of ``*.txt`` files, else the bundled set."""
+    """DPG-Bench prompts as (name, text), sorted by name; ``directory`` of ``*.txt`` files, else the bundled
+    set."""
     root = DATA_DIR / "dpg" / "prompts" if directory is None else Path(directory).expanduser()
     files = sorted(root.glob("*.txt")) if root.is_dir() else []
     if not files:

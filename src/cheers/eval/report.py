@@ -41,23 +41,40 @@ def shapes_markdown(report: dict[str, Any]) -> str:
         ]
         ceiling = g.get("vae_ceiling") or {}
         other = g.get("other_prompt") or {}
-        lines += _table(["tag", "accuracy %", "against another prompt %", "VAE ceiling %"],
-                        [[t, _pct(a), _pct(other[t]) if t in other else "—", _pct(ceiling[t]) if t in ceiling else "—"]
-                         for t, a in g["summary"].items()])
-        lines += ["", "Against another prompt: each image judged against the next prompt of its tag — what a "
-                  "generator that ignored its prompt would score; the accuracy should be well above it.",
-                  "VAE ceiling: the same judge on the reference renders passed through the model's VAE — the "
-                  "best a generator could reach through it."]
+        lines += _table(
+            ["tag", "accuracy %", "against another prompt %", "VAE ceiling %"],
+            [
+                [t, _pct(a), _pct(other[t]) if t in other else "—", _pct(ceiling[t]) if t in ceiling else "—"]
+                for t, a in g["summary"].items()
+            ],
+        )
+        lines += [
+            "",
+            "Against another prompt: each image judged against the next prompt of its tag — what a "
+            "generator that ignored its prompt would score; the accuracy should be well above it.",
+            "VAE ceiling: the same judge on the reference renders passed through the model's VAE — the "
+            "best a generator could reach through it.",
+        ]
         if g.get("overall_se") is not None:
-            lines += ["", f"Overall {_pct(g['summary']['overall'])} ± {_pct(g['overall_se'])} (standard error)."]
+            lines += [
+                "",
+                f"Overall {_pct(g['summary']['overall'])} ± {_pct(g['overall_se'])} (standard error).",
+            ]
         dense = g.get("dense_background")
         if dense:
-            lines += ["", f"Background colour on the {dense['n']} dense prompts' images: {_pct(dense['accuracy'])} "
-                      f"± {_pct(dense['se'])} (against another dense prompt's colour: {_pct(dense['other_prompt'])})."]
+            lines += [
+                "",
+                f"Background colour on the {dense['n']} dense prompts' images: {_pct(dense['accuracy'])} "
+                f"± {_pct(dense['se'])} "
+                f"(against another dense prompt's colour: {_pct(dense['other_prompt'])}).",
+            ]
         gain = g.get("prompt_gain")
         if gain:
-            lines += ["", f"Relative prompt gain (flow loss with another prompt over the own prompt, "
-                      f"{gain['n']} held-out samples): {gain['relative_gain']:+.4f} (0 = the prompt is ignored)."]
+            lines += [
+                "",
+                f"Relative prompt gain (flow loss with another prompt over the own prompt, "
+                f"{gain['n']} held-out samples): {gain['relative_gain']:+.4f} (0 = the prompt is ignored).",
+            ]
         fails = [s for s in g["samples"] if not s["correct"]][:MAX_FAILURES]
         if fails:
             lines += ["", "Failures (first few):", ""]

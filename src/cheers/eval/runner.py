@@ -8,15 +8,15 @@
   draws it: the release's dummy prefix image(s) first, then the start noise. The noise is drawn on the CPU
   and handed to the pipeline, so an image does not depend on the device, the rank or the batch it was in
   (up to float rounding).
-* Resuming. Every PNG is written to a temporary name and renamed (``os.replace``), so an image that exists
-  is complete; a restarted run skips it. ``manifest.json`` (written by the first process to start) records
+* Resuming. Every file is written atomically (:mod:`cheers.atomic`: a temporary name, fsync, ``os.replace``),
+  so an image that exists is complete; a restarted run skips it and clears the temporary files a killed one
+  left (:func:`remove_stale_temps`). ``manifest.json`` (written by the first process to start) records
   the model and every setting that changes the images; every process checks it, so a restart with other
   settings raises instead of mixing two runs in one folder.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from cheers import atomic
 from cheers.pipeline import format_prompt  # one templating rule for every caller
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class Shard:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Shard:
-        """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (as torchrun sets them; all default to one process)."""
+        """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (as torchrun sets them; all default to one
+        process)."""
         env = os.environ if env is None else env
         values = {}
         for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", None)):
@@ -124,7 +126,9 @@ class SamplingSettings:
 
         if self.solver is not None:
             check_solver(self.solver)
-        object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))  # frozen
+        object.__setattr__(
+            self, "guidance_interval", check_guidance_interval(self.guidance_interval)
+        )  # frozen
         if not 1 <= self.num_images <= SEED_STRIDE:
             raise ValueError(
                 f"num_images must be in [1, {SEED_STRIDE}] (seeds are seed + 1000 * i + k), "
@@ -151,7 +155,9 @@ class SamplingSettings:
             guidance_scale=d.guidance_scale if self.guidance_scale is None else self.guidance_scale,
             shift=d.shift if self.shift is None else self.shift,
             solver=d.solver if self.solver is None else self.solver,
-            guidance_interval=d.guidance_interval if self.guidance_interval is None else self.guidance_interval,
+            guidance_interval=d.guidance_interval
+            if self.guidance_interval is None
+            else self.guidance_interval,
             height=self.height or size,
             width=self.width or size,
         )
@@ -168,8 +174,6 @@ class SamplingSettings:
 def image_seed(base: int, index: int, k: int) -> int:
     """The seed of image ``k`` of prompt ``index`` (see :data:`SEED_RULE`)."""
     return base + SEED_STRIDE * index + k
-
-
 
 
 def seeded_noise(
@@ -206,7 +210,8 @@ def seeded_noise(
 
 
 def seeded_images(pipe, prompt: str, seeds: Sequence[int], settings: SamplingSettings) -> list[Image.Image]:
-    """Generate one image per seed for ``prompt``, each equal to its own seeded single run (:func:`seeded_noise`).
+    """Generate one image per seed for ``prompt``, each equal to its own seeded single run
+    (:func:`seeded_noise`).
 
     Args:
         pipe: a CheersPipeline.
@@ -239,33 +244,18 @@ def seeded_images(pipe, prompt: str, seeds: Sequence[int], settings: SamplingSet
 
 
 # -- files ---------------------------------------------------------------------------------------------------
+write_text_atomic = atomic.write_text  # (path, text): whole or absent
+remove_stale_temps = atomic.remove_temps  # (directory, name=None): what killed writers left
+
+
 def save_png_atomic(image: Image.Image, path: Path, metadata: dict[str, Any] | None = None) -> None:
-    """Write ``image`` as PNG through a temporary file and ``os.replace``: ``path`` is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``image`` as PNG atomically (``metadata`` as JSON in its ``cheers`` text chunk): ``path`` is
+    whole or absent."""
     info = None
     if metadata is not None:
         info = PngInfo()
         info.add_text("cheers", json.dumps(metadata, default=str))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def remove_stale_temps(directory: Path, name: str | None = None) -> None:
-    """Delete temporaries a killed run left in ``directory`` (of the file ``name`` only, if given)."""
-    pattern = ".*.tmp" if name is None else f".{glob.escape(name)}.*.tmp"
-    for tmp in directory.glob(pattern):
-        tmp.unlink(missing_ok=True)
+    atomic.write_with(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -345,17 +335,8 @@ def prepare_run(outdir: Path, manifest: dict[str, Any], shard: Shard) -> None:
     """
     path = outdir / MANIFEST
     if not path.is_file():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        try:
-            os.link(tmp, path)  # fails if another rank created it meanwhile
-        except FileExistsError:
-            pass
-        except OSError:  # a filesystem without hard links: rank 0 writes
-            if shard.is_main:
-                os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # does nothing if another rank created it meanwhile; on a filesystem without hard links rank 0 writes
+        atomic.create_json(path, manifest, replace_without_links=shard.is_main)
         if not path.is_file():
             return
     old = json.loads(path.read_text(encoding="utf-8"))

@@ -31,14 +31,25 @@ def item_verdicts(report: dict[str, Any]) -> dict[str, bool]:
 
 def make_scorecard(report: dict[str, Any], command: str) -> dict[str, Any]:
     """The shippable card of a full ShapesBench report and the command that produced it."""
-    card: dict[str, Any] = {"command": command, "model": report["model"], "config": report["config"],
-                            "resolution": report["resolution"], "seconds": report["seconds"]}
+    card: dict[str, Any] = {
+        "command": command,
+        "model": report["model"],
+        "config": report["config"],
+        "resolution": report["resolution"],
+        "seconds": report["seconds"],
+    }
     if "geneval" in report:
         g = report["geneval"]
-        card["geneval"] = {"summary": g["summary"], "hf_fidelity": g["hf_fidelity"], "n_images": g["n_images"],
-                           "vae_ceiling": g.get("vae_ceiling"), "other_prompt": g.get("other_prompt"),
-                           "overall_se": g.get("overall_se"), "dense_background": g.get("dense_background"),
-                           "prompt_gain": g.get("prompt_gain")}
+        card["geneval"] = {
+            "summary": g["summary"],
+            "hf_fidelity": g["hf_fidelity"],
+            "n_images": g["n_images"],
+            "vae_ceiling": g.get("vae_ceiling"),
+            "other_prompt": g.get("other_prompt"),
+            "overall_se": g.get("overall_se"),
+            "dense_background": g.get("dense_background"),
+            "prompt_gain": g.get("prompt_gain"),
+        }
     if "vqa" in report:
         card["vqa"] = report["vqa"]["report"]
     if "edit" in report:

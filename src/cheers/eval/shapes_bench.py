@@ -104,11 +104,15 @@ class ShapesBenchConfig:
 
     def __post_init__(self) -> None:
         if self.split not in HELD_OUT:
-            raise ValueError(f"split must be one of {HELD_OUT} (the training split is not held out), got {self.split!r}")
+            raise ValueError(
+                f"split must be one of {HELD_OUT} (the training split is not held out), got {self.split!r}"
+            )
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.prompt_gain_n != 0 and self.prompt_gain_n < 2:
-            raise ValueError(f"prompt_gain_n must be 0 (off) or >= 2 (prompts are swapped), got {self.prompt_gain_n}")
+            raise ValueError(
+                f"prompt_gain_n must be 0 (off) or >= 2 (prompts are swapped), got {self.prompt_gain_n}"
+            )
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
@@ -186,7 +190,9 @@ def shapes_geneval(
     if cfg.prompt_gain_n:
         from .conditioning import prompt_gain, shapes_generation_records
 
-        gain = prompt_gain(pipe.model, pipe.processor, shapes_generation_records(cfg.prompt_gain_n, cfg.split))
+        gain = prompt_gain(
+            pipe.model, pipe.processor, shapes_generation_records(cfg.prompt_gain_n, cfg.split)
+        )
     return {
         "summary": summary,
         "overall_se": binomial_se(summary["overall"], len(verdicts)),
@@ -209,10 +215,11 @@ def shapes_geneval(
     }
 
 
-def other_prompt_control(items: list[tuple[dict[str, Any], Any]], indices: list[int], images: list[Image.Image],
-                         stride: int) -> dict[str, float] | None:
-    """ShapesGenEval of each image judged against *another* prompt of its tag (item ``index + stride``; prompts
-    cycle through the tags, so the stride is the number of tags).
+def other_prompt_control(
+    items: list[tuple[dict[str, Any], Any]], indices: list[int], images: list[Image.Image], stride: int
+) -> dict[str, float] | None:
+    """ShapesGenEval of each image judged against *another* prompt of its tag (item ``index + stride``;
+    prompts cycle through the tags, so the stride is the number of tags).
 
     What a generator that ignored its prompt would score: compare it with the summary. None when there is
     only one prompt per tag.
@@ -231,8 +238,9 @@ def binomial_se(p: float, n: int) -> float:
     return float(np.sqrt(max(p * (1 - p), 0.0) / max(n, 1)))
 
 
-def dense_background(items: list[tuple[dict[str, Any], Any]], indices: list[int], images: list[Image.Image],
-                     stride: int) -> dict[str, float] | None:
+def dense_background(
+    items: list[tuple[dict[str, Any], Any]], indices: list[int], images: list[Image.Image], stride: int
+) -> dict[str, float] | None:
     """Over the dense prompts' images: the share whose background colour (as the parser reads it) is the one
     the prompt names, and the same against the next dense prompt's colour (a prompt-blind generator's score;
     backgrounds are one of three colours). None without dense items."""
@@ -247,21 +255,38 @@ def dense_background(items: list[tuple[dict[str, Any], Any]], indices: list[int]
     if not own:
         return None
     acc = float(np.mean(own))
-    return {"accuracy": acc, "se": binomial_se(acc, len(own)), "other_prompt": float(np.mean(other)), "n": len(own)}
+    return {
+        "accuracy": acc,
+        "se": binomial_se(acc, len(own)),
+        "other_prompt": float(np.mean(other)),
+        "n": len(own),
+    }
 
 
 @torch.no_grad()
-def vae_ceiling(vae, items: list[tuple[dict[str, Any], Any]], references: list[Image.Image]) -> dict[str, float]:
+def vae_ceiling(
+    vae, items: list[tuple[dict[str, Any], Any]], references: list[Image.Image]
+) -> dict[str, float]:
     """ShapesGenEval of the reference renders passed through ``vae`` (a VAEModel: encode -> decode): the best
     score a generator whose latents were perfect could reach through this VAE."""
     param = next(vae.parameters())
     results = []
     for start in range(0, len(references), 32):
-        chunk = references[start:start + 32]
+        chunk = references[start : start + 32]
         batch = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in chunk])
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(device=param.device, dtype=param.dtype)
-        y = vae.decode(vae.encode(x)).float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for (spec, _), arr in zip(items[start:start + 32], y):
+        y = (
+            vae.decode(vae.encode(x))
+            .float()
+            .clamp(0, 1)
+            .mul(255)
+            .round()
+            .byte()
+            .permute(0, 2, 3, 1)
+            .cpu()
+            .numpy()
+        )
+        for (spec, _), arr in zip(items[start : start + 32], y):
             results.append((spec["tag"], score_spec(parse_image(arr), spec).correct))
     return summarize_geneval(results)
 
@@ -276,15 +301,22 @@ def load_vae_model(directory: str | Path):
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing: give a stage-0 output (<run>/vae) or a model directory")
+        raise FileNotFoundError(
+            f"{config_path} is missing: give a stage-0 output (<run>/vae) or a model directory"
+        )
     raw = json.loads(config_path.read_text(encoding="utf-8"))
     try:
         enc, dec = (
             cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw[key].items()})
-            for cls, key in ((VAEEncoderConfig, "vae_encoder_config"), (VAEDecoderConfig, "vae_decoder_config"))
+            for cls, key in (
+                (VAEEncoderConfig, "vae_encoder_config"),
+                (VAEDecoderConfig, "vae_decoder_config"),
+            )
         )
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{config_path} has no usable vae_encoder_config / vae_decoder_config ({err})") from None
+        raise ValueError(
+            f"{config_path} has no usable vae_encoder_config / vae_decoder_config ({err})"
+        ) from None
     vae = VAEModel(enc, dec)
     state = {}
     for name, tensor in ckpt.load_state_dict(directory).items():
@@ -293,8 +325,10 @@ def load_vae_model(directory: str | Path):
             state[name] = tensor
     missing, unexpected = vae.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{directory}: the VAE weights do not match its config (missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]})")
+        raise ValueError(
+            f"{directory}: the VAE weights do not match its config (missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]})"
+        )
     return vae.eval()
 
 

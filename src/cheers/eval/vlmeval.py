@@ -13,8 +13,9 @@ Register it in either of two ways (see docs/evaluation.md):
       from cheers.eval.vlmeval import CheersVLM
       supported_VLM["Cheers"] = partial(CheersVLM, model_path="ai9stars/Cheers")
 
-* or, without editing VLMEvalKit, ``python -m cheers.eval.vlmeval run.py --data MMBench_DEV_EN --model Cheers``
-  registers ``Cheers`` (:func:`register`) and then runs VLMEvalKit's ``run.py`` with the remaining arguments.
+* or, without editing VLMEvalKit,
+  ``python -m cheers.eval.vlmeval run.py --data MMBench_DEV_EN --model Cheers`` registers ``Cheers``
+  (:func:`register`) and then runs VLMEvalKit's ``run.py`` with the remaining arguments.
 
 Under ``torchrun`` VLMEvalKit starts one model per process; each takes the GPU ``LOCAL_RANK``.
 """
@@ -98,7 +99,8 @@ class CheersVLM:
         return self.generate_inner(_normalise(message), dataset)
 
     def generate_inner(self, message: list[dict[str, str]], dataset: str | None = None) -> str:
-        """Answer one single-turn message: ``[{"type": "image", "value": path}, {"type": "text", "value": q}]``."""
+        """Answer one single-turn message:
+        ``[{"type": "image", "value": path}, {"type": "text", "value": q}]``."""
         content, images = self._content(message)
         return self._answer([{"role": "user", "content": content}], images)
 
@@ -114,7 +116,7 @@ class CheersVLM:
     def chat(self, messages: list[dict[str, Any]], dataset: str | None = None) -> str:
         return self.chat_inner(messages, dataset)
 
-    # -- helpers ----------------------------------------------------------------------------------------------
+    # -- helpers ---------------------------------------------------------------------------------------------
     def _content(self, items: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], list[Any]]:
         from cheers.image_ops import load_image
 
@@ -146,7 +148,8 @@ class CheersVLM:
 
 
 def _normalise(message) -> list[dict[str, str]]:
-    """VLMEvalKit's accepted message forms -> a list of {"type", "value"} dicts (``BaseModel.preproc_content``)."""
+    """VLMEvalKit's accepted message forms -> a list of {"type", "value"} dicts
+    (``BaseModel.preproc_content``)."""
     if isinstance(message, str):
         return [{"type": "text", "value": message}]
     if isinstance(message, dict):

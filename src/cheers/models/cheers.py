@@ -1,4 +1,5 @@
-"""Cheers: composition of the unified vision tokenizer, the Qwen2 LLM and the cascaded flow head (paper Fig. 3).
+"""Cheers: composition of the unified vision tokenizer, the Qwen2 LLM and the cascaded flow head
+(paper Fig. 3).
 
 Dimension legend: B rows, L' expanded length, n images, H×W pixels, h×w = H/p×W/p grid, N = hw/4 LLM tokens
 per image, M = hw fine tokens, C latent channels, Dt text width, Dv vision width, V vocabulary.
@@ -45,11 +46,17 @@ def lm_output_cache(out):
 
 def build_language_model(cfg: TextConfig) -> Qwen2Model:
     hf = Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, hidden_act=cfg.hidden_act,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings, use_sliding_window=False,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        use_sliding_window=False,
         attention_dropout=cfg.attention_dropout,
         # set explicitly: the release's config.json omits it, and library defaults have changed over time
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
@@ -100,13 +107,20 @@ class CheersModel(nn.Module):
             p = cfg.patch_size
             self.latent_to_patch = nn.Linear(cfg.latent_channels, 3 * p * p)
         self.und_projector = UnderstandingProjector(dv, dt)
-        self.gen_projector = DiTHead(dt, opt.gen_head_depth, cfg.text.num_attention_heads,
-                                     cfg.text.num_key_value_heads, out_dim=4 * dv)
+        self.gen_projector = DiTHead(
+            dt, opt.gen_head_depth, cfg.text.num_attention_heads, cfg.text.num_key_value_heads, out_dim=4 * dv
+        )
         self.hi_gate = HiGate(dv)
         # The release gives stage 2 the vision heads but the *text* KV-head count, and RoPE positions that
         # wrap at half the token count (reference §8).
-        self.hi_projector = DiTHead(dv, opt.hi_head_depth, cfg.vision.num_attention_heads,
-                                    cfg.text.num_key_value_heads, out_dim=cfg.vae_decoder.ch, wrap_positions=True)
+        self.hi_projector = DiTHead(
+            dv,
+            opt.hi_head_depth,
+            cfg.vision.num_attention_heads,
+            cfg.text.num_key_value_heads,
+            out_dim=cfg.vae_decoder.ch,
+            wrap_positions=True,
+        )
         self.time_embed = TimestepEmbedder(dt, dv, opt.time_embed_dim)
         self.language_model = build_language_model(cfg.text)
 
@@ -124,20 +138,31 @@ class CheersModel(nn.Module):
     def tokenize_latent(self, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z_t (n, C, h, w) -> (LLM tokens (n, N, Dt), pixel_hat (n, 3, H, W)) via D(z_t) and the ViT.
 
-        With ``options.pixel_reconstruction`` off, pixel_hat is the learned linear image of the latent instead.
+        With ``options.pixel_reconstruction`` off, pixel_hat is the learned linear image of the latent
+        instead.
         """
         if self.config.options.pixel_reconstruction:
             pixel_hat = self.vae_decoder_projector(x_t)  # (n, 3, H, W)
         else:
             p = self.config.patch_size
-            pixel_hat = rearrange(self.latent_to_patch(rearrange(x_t, "n c h w -> n h w c")),
-                                  "n h w (c p q) -> n c (h p) (w q)", p=p, q=p)
+            pixel_hat = rearrange(
+                self.latent_to_patch(rearrange(x_t, "n c h w -> n h w c")),
+                "n h w (c p q) -> n c (h p) (w q)",
+                p=p,
+                q=p,
+            )
         feats = vit_features(self.vision_representation, pixel_hat)  # (n, M, Dv)
         return self.und_projector(feats, tuple(x_t.shape[-2:])), pixel_hat
 
-    def image_features(self, pixel_values: torch.Tensor, t: torch.Tensor | None = None,
-                       x0: torch.Tensor | None = None, generator: torch.Generator | None = None) -> ImageFeatures:
-        """Images at flow times t (default 1) -> tokens, pixel_hat, velocity target, time embeddings (reference §4).
+    def image_features(
+        self,
+        pixel_values: torch.Tensor,
+        t: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ImageFeatures:
+        """Images at flow times t (default 1) -> tokens, pixel_hat, velocity target, time embeddings
+        (reference §4).
 
         Args:
             pixel_values: (n, 3, H, W) in [0, 1].
@@ -162,8 +187,14 @@ class CheersModel(nn.Module):
         return ImageFeatures(tokens, pixel_hat, target, temb1, temb2, tuple(z1.shape[-2:]))
 
     # -- the cascaded flow head -----------------------------------------------------------------------------
-    def velocity_head(self, hidden: torch.Tensor, temb1: torch.Tensor, temb2: torch.Tensor,
-                      pixel_hat: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def velocity_head(
+        self,
+        hidden: torch.Tensor,
+        temb1: torch.Tensor,
+        temb2: torch.Tensor,
+        pixel_hat: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """LLM image states -> velocity (reference §9).
 
         Args:
@@ -183,7 +214,8 @@ class CheersModel(nn.Module):
         return rearrange(v, "n (h w) c -> n c h w", h=h, w=w), rearrange(gate, "n (h w) 1 -> n h w", h=h, w=w)
 
     def initialize_weights(self) -> None:
-        """Zero-init every AdaLN modulation and the HFI gate's output (the release's zero-initialised layers)."""
+        """Zero-init every AdaLN modulation and the HFI gate's output (the release's zero-initialised
+        layers)."""
         self.gen_projector.zero_init()
         self.hi_projector.zero_init()
         self.hi_gate.zero_init()
@@ -220,8 +252,14 @@ class Cheers(nn.Module):
     @classmethod
     def group_of(cls, name: str) -> str | None:
         """The parameter group that owns parameter ``name`` (None for a name outside every group)."""
-        return next((g for g, prefixes in cls.PARAMETER_GROUPS.items()
-                     if any(name == p or name.startswith(p + ".") for p in prefixes)), None)
+        return next(
+            (
+                g
+                for g, prefixes in cls.PARAMETER_GROUPS.items()
+                if any(name == p or name.startswith(p + ".") for p in prefixes)
+            ),
+            None,
+        )
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Named groups of (name, parameter); every parameter is in exactly one group (tied ones once)."""
@@ -256,20 +294,42 @@ class Cheers(nn.Module):
 
     def require_special(self) -> SpecialTokens:
         if self.special is None:
-            raise ValueError("this Cheers model has no special-token ids; pass special=SpecialTokens.from_tokenizer(...)")
+            raise ValueError(
+                "this Cheers model has no special-token ids; pass special=SpecialTokens.from_tokenizer(...)"
+            )
         return self.special
 
-    def run_language_model(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                           past_key_values=None, use_cache: bool = False):
+    def run_language_model(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        past_key_values=None,
+        use_cache: bool = False,
+    ):
         """One call of the Qwen2 stack with an explicit boolean 4-D mask and explicit positions."""
-        return self.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                         use_cache=use_cache, **{_LM_CACHE_ARG: past_key_values})
+        return self.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=use_cache,
+            **{_LM_CACHE_ARG: past_key_values},
+        )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, x0: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, past_key_values=None, use_cache: bool = False,
-                flow_loss_weight: float = 1.0, image_features: ImageFeatures | None = None) -> CheersOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+        flow_loss_weight: float = 1.0,
+        image_features: ImageFeatures | None = None,
+    ) -> CheersOutput:
         """Understanding forward (no labels) or training forward (labels), reference §5, §6, §11.
 
         Args:
@@ -288,14 +348,22 @@ class Cheers(nn.Module):
         feats = image_features
         if feats is None and pixel_values is not None:
             feats = self.model.image_features(pixel_values, t, x0, generator)
-        asm = assemble(input_ids, attention_mask, feats.tokens if feats else None,
-                       self.model.language_model.embed_tokens, self.markers, labels,
-                       self.config.options.max_sequence_length)
+        asm = assemble(
+            input_ids,
+            attention_mask,
+            feats.tokens if feats else None,
+            self.model.language_model.embed_tokens,
+            self.markers,
+            labels,
+            self.config.options.max_sequence_length,
+        )
         mask = hybrid_mask(asm.image_flags, asm.valid)
         positions = torch.arange(asm.embeds.shape[1], device=input_ids.device).expand(asm.embeds.shape[0], -1)
         lm = self.run_language_model(asm.embeds, mask, positions, past_key_values, use_cache)
         hidden = lm.last_hidden_state  # (B, L', Dt)
-        out = CheersOutput(hidden_states=hidden, assembled=asm, past_key_values=lm_output_cache(lm) if use_cache else None)
+        out = CheersOutput(
+            hidden_states=hidden, assembled=asm, past_key_values=lm_output_cache(lm) if use_cache else None
+        )
         if feats is not None:
             out.time_embeds_1, out.time_embeds_2 = feats.temb1, feats.temb2
         if labels is None:
@@ -303,15 +371,18 @@ class Cheers(nn.Module):
             return out
         return self._training_losses(out, asm, feats, flow_loss_weight)
 
-    def _training_losses(self, out: CheersOutput, asm: Assembled, feats: ImageFeatures | None,
-                         flow_loss_weight: float) -> CheersOutput:
+    def _training_losses(
+        self, out: CheersOutput, asm: Assembled, feats: ImageFeatures | None, flow_loss_weight: float
+    ) -> CheersOutput:
         special = self.require_special()
         hidden = out.hidden_states
         target = shift_labels(asm.labels, self.markers, special.im_end)  # (B, L'-1)
         logits = self.lm_head(hidden[:, :-1]).flatten(0, 1)  # (B·(L'-1), V)
         flat_target = target.flatten()
         n_text = (flat_target != IGNORE_INDEX).sum().clamp(min=1)
-        text_loss = F.cross_entropy(logits.float(), flat_target, ignore_index=IGNORE_INDEX, reduction="sum") / n_text
+        text_loss = (
+            F.cross_entropy(logits.float(), flat_target, ignore_index=IGNORE_INDEX, reduction="sum") / n_text
+        )
         out.logits, out.text_loss = logits, text_loss
         if feats is None:
             out.image_loss = text_loss.new_zeros(())

@@ -37,9 +37,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return (x.float() * (1 + scale.float()) + shift.float()).to(x.dtype)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
     """cos/sin tables (M, head_dim) for rotate-half RoPE at integer ``positions``; angles in float32."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
     angles = positions.float()[:, None] * inv_freq[None]  # (M, head_dim/2)
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -60,7 +64,9 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int) -> None:
         super().__init__()
         if dim % num_heads or num_heads % num_kv_heads:
-            raise ValueError(f"attention width {dim} / heads {num_heads} / kv heads {num_kv_heads} do not divide")
+            raise ValueError(
+                f"attention width {dim} / heads {num_heads} / kv heads {num_kv_heads} do not divide"
+            )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
@@ -99,8 +105,12 @@ class DiTBlock(nn.Module):
         self.mlp = SwiGLU(dim, 4 * dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (n, 1, D) each
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(
+            6, dim=-1
+        )  # (n, 1, D) each
         x = x + gate1 * self.attn(modulate(self.input_layernorm(x), shift1, scale1), rope)
         return x + gate2 * self.mlp(modulate(self.post_attention_layernorm(x), shift2, scale2))
 
@@ -125,8 +135,16 @@ class DiTHead(nn.Module):
             instead of k.
     """
 
-    def __init__(self, dim: int, depth: int, num_heads: int, num_kv_heads: int, out_dim: int,
-                 wrap_positions: bool = False, rope_base: float = 10000.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        num_kv_heads: int,
+        out_dim: int,
+        wrap_positions: bool = False,
+        rope_base: float = 10000.0,
+    ) -> None:
         super().__init__()
         self.diffusion_head_a = nn.ModuleList(DiTBlock(dim, num_heads, num_kv_heads) for _ in range(depth))
         self.diffusion_head_b = FinalLayer(dim, out_dim)
@@ -148,11 +166,14 @@ class DiTHead(nn.Module):
     def zero_init(self) -> None:
         """AdaLN-Zero: every block starts as the identity and the final layer as ``linear(RMSNorm(x))``.
 
-        Only the modulations are zeroed, as in the release. The final ``linear`` keeps its random init: DiT also
-        zeroes it, but here stage 2's input is ``LayerNorm(stage-1 output + g·high)`` with g zero at init, so a
-        zero stage-1 output would make every gradient but the output bias vanish (a dead head).
+        Only the modulations are zeroed, as in the release. The final ``linear`` keeps its random init: DiT
+        also zeroes it, but here stage 2's input is ``LayerNorm(stage-1 output + g·high)`` with g zero at
+        init, so a zero stage-1 output would make every gradient but the output bias vanish (a dead head).
         """
-        for layer in (*(b.adaLN_modulation[-1] for b in self.diffusion_head_a), self.diffusion_head_b.adaLN_modulation[-1]):
+        for layer in (
+            *(b.adaLN_modulation[-1] for b in self.diffusion_head_a),
+            self.diffusion_head_b.adaLN_modulation[-1],
+        ):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -164,12 +185,16 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp_1 = nn.Sequential(nn.Linear(freq_dim, text_dim), nn.SiLU(), nn.Linear(text_dim, text_dim))
-        self.mlp_2 = nn.Sequential(nn.Linear(freq_dim, vision_dim), nn.SiLU(), nn.Linear(vision_dim, vision_dim))
+        self.mlp_2 = nn.Sequential(
+            nn.Linear(freq_dim, vision_dim), nn.SiLU(), nn.Linear(vision_dim, vision_dim)
+        )
 
     def features(self, t: torch.Tensor) -> torch.Tensor:
         """t (n,) -> (n, 1, freq_dim), cosine half first, float32."""
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )
         args = t.float().reshape(-1, 1, 1) * freqs  # (n, 1, half)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -179,7 +204,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class HiGate(nn.Module):
-    """High-frequency injection: ``LayerNorm(low + g·high)`` with g = MLP(low), an unbounded scalar per token."""
+    """High-frequency injection: ``LayerNorm(low + g·high)`` with g = MLP(low), an unbounded scalar per
+    token."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()

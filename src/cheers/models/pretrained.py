@@ -21,8 +21,14 @@ from cheers.tokens import SpecialTokens
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS_FILE = "cheers_special_tokens.json"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, default: str = "float32") -> torch.dtype:
@@ -41,8 +47,9 @@ def _materialize_nonpersistent(model: Cheers, device: torch.device) -> None:
     with torch.device(device):
         lm.rotary_emb = rotary_cls(config=lm.config)
     emb = model.model.vision_representation.embeddings
-    emb.register_buffer("position_ids", torch.arange(emb.num_positions, device=device).expand((1, -1)),
-                        persistent=False)
+    emb.register_buffer(
+        "position_ids", torch.arange(emb.num_positions, device=device).expand((1, -1)), persistent=False
+    )
 
 
 def load_special_tokens(directory: Path) -> SpecialTokens | None:
@@ -61,9 +68,15 @@ def load_special_tokens(directory: Path) -> SpecialTokens | None:
     return None
 
 
-def from_pretrained(name_or_path: str | Path, *, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str = "cpu", special: SpecialTokens | None = None,
-                    revision: str | None = None, strict: bool = True) -> Cheers:
+def from_pretrained(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    special: SpecialTokens | None = None,
+    revision: str | None = None,
+    strict: bool = True,
+) -> Cheers:
     """Load a checkpoint directory (or hub id) in the release layout.
 
     Args:
@@ -93,8 +106,13 @@ def from_pretrained(name_or_path: str | Path, *, dtype: torch.dtype | str | None
     return model.eval()
 
 
-def save_pretrained(model: Cheers, directory: str | Path, *, max_shard_size: int | str = "5GB",
-                    dtype: torch.dtype | str | None = None) -> Path:
+def save_pretrained(
+    model: Cheers,
+    directory: str | Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+) -> Path:
     """Write config.json, safetensors weights (both tied names) and the special-token ids, atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

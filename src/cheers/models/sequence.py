@@ -1,4 +1,5 @@
-"""Splicing image tokens into the text sequence, the hybrid attention mask and the training labels (reference §5, §11).
+"""Splicing image tokens into the text sequence, the hybrid attention mask and the training labels
+(reference §5, §11).
 
 Dimension legend: B rows, L input length, L' expanded length, N tokens per image, Dt text width.
 
@@ -72,7 +73,8 @@ def assemble(
         raise ValueError(
             f"the batch has {sum(n_markers)} image marker(s) and {markerless} row(s) without a marker, but "
             f"{n_img} image(s) were given: expected {sum(n_markers)} (no prefix images) or "
-            f"{sum(n_markers) + markerless} (one prefix image per row without a marker)")
+            f"{sum(n_markers) + markerless} (one prefix image per row without a marker)"
+        )
     plans = []
     next_image = 0
     for b, ids in enumerate(rows):
@@ -102,7 +104,12 @@ def assemble(
     for b, (t_ids, i_idx, f, lab) in enumerate(plans):
         n = t_ids.shape[0]
         text_ids[b, :n], image_index[b, :n], flags_np[b, :n], valid_np[b, :n], labels_out[b, :n] = (
-            t_ids, i_idx, f, True, lab)
+            t_ids,
+            i_idx,
+            f,
+            True,
+            lab,
+        )
 
     def to_device(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(device, non_blocking=True)
@@ -116,8 +123,14 @@ def assemble(
     if image_tokens is not None and n_img:
         gathered = image_tokens.reshape(-1, dim)[index.clamp(min=0)]  # (B, L', Dt)
         embeds = torch.where(slots[..., None], gathered, embeds)
-    return Assembled(embeds, to_device(flags_np), slots, valid,
-                     to_device(labels_out) if labels is not None else None, to_device(lengths_np))
+    return Assembled(
+        embeds,
+        to_device(flags_np),
+        slots,
+        valid,
+        to_device(labels_out) if labels is not None else None,
+        to_device(lengths_np),
+    )
 
 
 class _RowPlan:
@@ -131,16 +144,23 @@ class _RowPlan:
     def add_image(self, k: int, flagged: bool, marker: int) -> None:
         """The N tokens of image ``k``; ``flagged`` ones form a bidirectional block, prefixed ones do not."""
         n = self.per_image
-        self.parts.append((np.zeros(n, np.int64), np.arange(k * n, (k + 1) * n, dtype=np.int64),
-                           np.full(n, flagged), np.full(n, marker, np.int64)))
+        self.parts.append(
+            (
+                np.zeros(n, np.int64),
+                np.arange(k * n, (k + 1) * n, dtype=np.int64),
+                np.full(n, flagged),
+                np.full(n, marker, np.int64),
+            )
+        )
 
     def add_text(self, start: int, stop: int) -> None:
         seg = self.ids[start:stop]
         if seg.size:
             lab = self.labels[start:stop] if self.labels is not None else seg
             n = seg.size
-            self.parts.append((seg.astype(np.int64), np.full(n, -1, np.int64), np.zeros(n, bool),
-                               lab.astype(np.int64)))
+            self.parts.append(
+                (seg.astype(np.int64), np.full(n, -1, np.int64), np.zeros(n, bool), lab.astype(np.int64))
+            )
 
     def build(self, max_length: int | None) -> tuple[np.ndarray, ...]:
         if not self.parts:
@@ -166,7 +186,9 @@ def hybrid_mask(image_flags: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(length, device=image_flags.device)
     causal = (idx[None, :] <= idx[:, None])[None]  # (1, Lq, Lk)
     img_run, valid_run = _run_ids(image_flags), _run_ids(valid)
-    same_img = image_flags[:, :, None] & image_flags[:, None, :] & (img_run[:, :, None] == img_run[:, None, :])
+    same_img = (
+        image_flags[:, :, None] & image_flags[:, None, :] & (img_run[:, :, None] == img_run[:, None, :])
+    )
     same_valid_run = valid_run[:, :, None] == valid_run[:, None, :]
     both_valid = valid[:, :, None] & valid[:, None, :] & same_valid_run
     both_pad = ~valid[:, :, None] & ~valid[:, None, :] & same_valid_run
@@ -176,10 +198,10 @@ def hybrid_mask(image_flags: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def shift_labels(labels: torch.Tensor, markers: tuple[int, int], im_end: int) -> torch.Tensor:
     """Next-token targets for hidden states ``[:, :-1]`` (reference §11 steps 2-3): (B, L') -> (B, L'-1).
 
-    The release rewrites the shifted labels (IM_START gains a following -100, IM_END is dropped, markers become
-    -100). For every well-formed block ``x, IM_START, img×N, IM_END, y`` that is the same as: shift by one, then
-    ignore image markers and IM_END as targets. So x predicts IM_START, IM_START and the N image positions
-    predict nothing, IM_END is never a target and IM_END predicts y.
+    The release rewrites the shifted labels (IM_START gains a following -100, IM_END is dropped, markers
+    become -100). For every well-formed block ``x, IM_START, img×N, IM_END, y`` that is the same as: shift by
+    one, then ignore image markers and IM_END as targets. So x predicts IM_START, IM_START and the N image
+    positions predict nothing, IM_END is never a target and IM_END predicts y.
     """
     target = labels[:, 1:].clone()
     target[torch.isin(target, torch.tensor([*markers, im_end], device=target.device))] = IGNORE_INDEX

@@ -58,7 +58,8 @@ def vit_features(vit: SiglipVisionModel, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def merge_2x2(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, h·w, D) -> (B, N, 4D): token (I, J) concatenates fine tokens (2I+pi, 2J+pj), k = pi·2 + pj outer."""
+    """(B, h·w, D) -> (B, N, 4D): token (I, J) concatenates fine tokens (2I+pi, 2J+pj), k = pi·2 + pj
+    outer."""
     h, w = grid
     return rearrange(x, "b (i pi j pj) d -> b (i j) (pi pj d)", i=h // 2, pi=2, j=w // 2, pj=2)
 
@@ -70,12 +71,15 @@ def split_2x2(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class UnderstandingProjector(nn.Module):
-    """``und_projector``: LayerNorm, 2x2 merge (4x fewer tokens), MLP with exact GELU: (B, h·w, Dv) -> (B, N, Dt)."""
+    """``und_projector``: LayerNorm, 2x2 merge (4x fewer tokens), MLP with exact GELU:
+    (B, h·w, Dv) -> (B, N, Dt)."""
 
     def __init__(self, vision_dim: int, text_dim: int) -> None:
         super().__init__()
         self.layernorm = nn.LayerNorm(vision_dim, eps=1e-5)
-        self.mlp = nn.Sequential(nn.Linear(4 * vision_dim, 4 * vision_dim), nn.GELU(), nn.Linear(4 * vision_dim, text_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(4 * vision_dim, 4 * vision_dim), nn.GELU(), nn.Linear(4 * vision_dim, text_dim)
+        )
 
     def forward(self, feats: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return self.mlp(merge_2x2(self.layernorm(feats), grid))  # (B, N, Dt)

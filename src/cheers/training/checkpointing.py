@@ -6,16 +6,18 @@ Layout of ``<run>/checkpoints``::
     step-00000006/
         trainer_state.json    step, data position and corrupt counts, scheduler, format, strategy, world size
         model.safetensors     one process / DDP: every tensor, release names (sharded above max_shard_size)
-        optimizer.pt          one process / DDP: the optimizer state (tensors and numbers; loaded weights_only)
+        optimizer.pt          one process / DDP: the optimizer state (tensors and numbers; loaded
+                              weights_only)
         dcp/                  FSDP2: model + optimizer, sharded (torch.distributed.checkpoint)
         rng/rank-00000.pt     python, numpy, torch (and CUDA) generator states of every process
 
 A checkpoint is assembled in ``.tmp-step-...`` and renamed into place only when complete; the previous one
 stays until then, so a crash mid-save leaves the last good checkpoint and ``latest`` untouched (a re-save of
-the same step moves the old copy to ``.old-step-...`` for the instant between two renames; ``latest_checkpoint``
-finds it there). The next save clears what a killed save left behind. A write that fails for lack of disk
-space (or any OS error) raises ``OSError`` with its errno, naming the checkpoint that failed. The data
-position needs no state of its own beyond the step: every sample is a function of (seed, position).
+the same step moves the old copy to ``.old-step-...`` for the instant between two renames;
+``latest_checkpoint`` finds it there). The next save clears what a killed save left behind. A write that
+fails for lack of disk space (or any OS error) raises ``OSError`` with its errno, naming the checkpoint that
+failed. The data position needs no state of its own beyond the step: every sample is a function of
+(seed, position).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cheers import atomic
 from cheers import checkpoint as ckpt
 from cheers.models.cheers import Cheers
 from cheers.models.pretrained import _materialize_nonpersistent, resolve_dtype, save_pretrained
@@ -87,7 +90,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def _torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` through a Python file (so a full disk surfaces as the ``OSError`` behind torch's
-    ``RuntimeError``, not only "unexpected pos"), then fsync."""
+    ``RuntimeError``, not only "unexpected pos"), then fsync. Not atomic by itself: it writes inside the
+    staging directory, which is published whole."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -95,27 +99,27 @@ def _torch_save(obj: Any, path: Path) -> None:
 
 
 def _clear_debris(root: Path) -> None:
-    """Remove what a killed save left: temp dirs and pointer temp files; a step that ``_publish`` moved aside
-    is put back if its replacement never arrived, else deleted."""
-    for old in root.glob(".old-step-*"):
-        final = root / old.name.removeprefix(".old-")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, final)
-    for tmp in root.glob(".tmp-step-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    for tmp in root.glob(f".{LATEST}.*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Remove what a killed save left: staging dirs and pointer temp files; a step that the publish moved
+    aside is put back if its replacement never arrived, else deleted."""
+    atomic.recover_dirs(root, "step-*")
+    atomic.remove_temps(root, LATEST)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, trainer_state: dict[str, Any], info: DistInfo, keep: int = 2,
-                    max_shard_size: str = "5GB") -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    info: DistInfo,
+    keep: int = 2,
+    max_shard_size: str = "5GB",
+) -> Path:
     """Write the checkpoint of ``step`` (collective under FSDP: every process calls it). Returns its path."""
     root = checkpoints_dir(run_dir)
     final = root / step_name(step)
-    tmp = root / f".tmp-{step_name(step)}"
+    tmp = atomic.staging_dir(final)
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
         _clear_debris(root)
@@ -134,36 +138,29 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, module: nn.Module, op
         _torch_save(capture_rng(), tmp / "rng" / f"rank-{info.rank:05d}.pt")
         barrier(info)
         if info.is_main:
-            state = {"format": FORMAT, "step": step, "strategy": info.strategy, "world_size": info.world_size,
-                     "scheduler": scheduler.state_dict(), **trainer_state}
-            ckpt.atomic_write_json(tmp / STATE, state)
-            _publish(tmp, final)
-            ckpt.atomic_write_json(root / LATEST, {"step": step, "dir": final.name})
+            state = {
+                "format": FORMAT,
+                "step": step,
+                "strategy": info.strategy,
+                "world_size": info.world_size,
+                "scheduler": scheduler.state_dict(),
+                **trainer_state,
+            }
+            atomic.write_json(tmp / STATE, state)
+            atomic.publish_dir(tmp, final)
+            atomic.write_json(root / LATEST, {"step": step, "dir": final.name})
             _prune(root, keep)
             logger.info("saved checkpoint %s", final)
     except BaseException as err:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        cause = ckpt.os_error_behind(err) if isinstance(err, Exception) else None  # not on Ctrl-C
+        cause = atomic.os_error_behind(err) if isinstance(err, Exception) else None  # not on Ctrl-C
         if cause is None:
             raise
         message = f"{os.strerror(cause.errno)}: saving checkpoint {final.name} failed; {LATEST!r} still names"
         raise OSError(cause.errno, f"{message} the previous checkpoint", str(root)) from err
     barrier(info)
     return final
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished temp dir into place (an older checkpoint of the same step is replaced)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    ckpt._fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -184,7 +181,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     if not pointer.is_file():
         return None
     name = json.loads(pointer.read_text())["dir"]
-    for target in (root / name, root / f".old-{name}"):  # .old-: a re-save of this step killed mid-publish
+    for target in (root / name, atomic.aside_dir(root / name)):  # a re-save of this step killed mid-publish
         if (target / STATE).is_file():
             return target
     raise ckpt.CheckpointError(f"{pointer} points to {root / name}, which is not a complete checkpoint")
@@ -198,7 +195,8 @@ def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_from_state(config, special, state: dict[str, torch.Tensor]) -> Cheers:
-    """A Cheers model whose every tensor is ``state``'s (built on the meta device: no second copy, no init)."""
+    """A Cheers model whose every tensor is ``state``'s (built on the meta device: no second copy, no
+    init)."""
     with torch.device("meta"):
         model = Cheers(config, special=special)
     _materialize_nonpersistent(model, torch.device("cpu"))
@@ -217,17 +215,25 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
     ckpt.load_into(model, load_state(path), strict=True)
 
 
-def load_checkpoint(path: str | os.PathLike, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    info: DistInfo) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    info: DistInfo,
+) -> dict[str, Any]:
     """Restore optimizer, scheduler and generators (and, under FSDP2, the model) of a checkpoint.
 
-    One process / DDP: call :func:`load_model_weights` on the unwrapped model first. Returns the trainer state.
+    One process / DDP: call :func:`load_model_weights` on the unwrapped model first. Returns the trainer
+    state.
     """
     path = Path(path)
     state = read_trainer_state(path)
     if state["strategy"] != info.strategy and "fsdp" in (state["strategy"], info.strategy):
-        raise ckpt.CheckpointError(f"{path} was written with strategy {state['strategy']!r}; this run uses "
-                                   f"{info.strategy!r} (FSDP checkpoints are sharded: resume with fsdp)")
+        raise ckpt.CheckpointError(
+            f"{path} was written with strategy {state['strategy']!r}; this run uses "
+            f"{info.strategy!r} (FSDP checkpoints are sharded: resume with fsdp)"
+        )
     if info.strategy == "fsdp":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -252,8 +258,13 @@ def load_checkpoint(path: str | os.PathLike, module: nn.Module, optimizer: torch
 # export
 
 
-def export_release(module: nn.Module, info: DistInfo, directory: str | os.PathLike, dtype: str | None = None,
-                   max_shard_size: str = "5GB") -> Path | None:
+def export_release(
+    module: nn.Module,
+    info: DistInfo,
+    directory: str | os.PathLike,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+) -> Path | None:
     """Write the trained model in the release layout (collective under FSDP2; rank 0 writes)."""
     directory = Path(directory)
     model = unwrap(module)
@@ -263,10 +274,13 @@ def export_release(module: nn.Module, info: DistInfo, directory: str | os.PathLi
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if info.is_main:
             plain = model_from_state(model.config, model.special, full)
-            save_pretrained(plain, directory, max_shard_size=max_shard_size,
-                            dtype=resolve_dtype(dtype) if dtype else None)
+            save_pretrained(
+                plain, directory, max_shard_size=max_shard_size, dtype=resolve_dtype(dtype) if dtype else None
+            )
     elif info.is_main:
-        save_pretrained(model, directory, max_shard_size=max_shard_size, dtype=resolve_dtype(dtype) if dtype else None)
+        save_pretrained(
+            model, directory, max_shard_size=max_shard_size, dtype=resolve_dtype(dtype) if dtype else None
+        )
     barrier(info)
     if info.is_main:
         logger.info("exported the model to %s", directory)

@@ -1,5 +1,8 @@
 """``cheers train``: run a recipe. A thin shell over :mod:`cheers.training.loop` and :mod:`.vae_stage0`.
 
+An app module: it composes the trainer with the recipe's ShapesWorld hooks from :mod:`cheers.eval.train_hooks`
+(training itself does not import evaluation).
+
 Examples::
 
     cheers train --recipe tiny-shapes --out runs/shapes
@@ -18,16 +21,30 @@ from cheers.training.config import RecipeError, dump_recipe, load_recipe, packag
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``train`` on an ``argparse`` subparsers object; the handler is stored as ``func``."""
-    p = subparsers.add_parser("train", help="train with a recipe (stages 0-IV, ShapesWorld)",
-                              description="Train Cheers with a recipe: a packaged name "
-                                          f"({', '.join(packaged_recipes())}) or a YAML path.")
+    p = subparsers.add_parser(
+        "train",
+        help="train with a recipe (stages 0-IV, ShapesWorld)",
+        description="Train Cheers with a recipe: a packaged name "
+        f"({', '.join(packaged_recipes())}) or a YAML path.",
+    )
     p.add_argument("--recipe", required=True, help="packaged recipe name or path to a YAML recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.lr=2e-5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set train.lr=2e-5 (repeatable)",
+    )
     p.add_argument("--out", "-o", default=None, help="run directory (default: the recipe's 'out')")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest if present")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="leave after N steps of this invocation (with a checkpoint)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="leave after N steps of this invocation (with a checkpoint)",
+    )
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     p.set_defaults(func=run_train)
     return p
@@ -37,7 +54,8 @@ def run_train(args: argparse.Namespace) -> int:
     """Handler of ``cheers train``: returns the process exit code."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("cheers.training").setLevel(logging.INFO)  # a run reports its groups, steps, checkpoints
+    for name in ("cheers.training", "cheers.data"):  # a run reports its sources, groups, steps, checkpoints
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as err:
@@ -54,9 +72,12 @@ def run_train(args: argparse.Namespace) -> int:
         path = train_vae(recipe, recipe.out, resume=args.resume, stop_after=args.stop_after)
         print(f"stage 0 finished: {path}")
         return 0
+    from cheers.eval.train_hooks import recipe_hooks
     from cheers.training.loop import train
 
-    result = train(recipe, recipe.out, resume=args.resume, stop_after=args.stop_after)
+    result = train(
+        recipe, recipe.out, resume=args.resume, stop_after=args.stop_after, hooks=recipe_hooks(recipe)
+    )
     if result.export_dir is not None:
         print(f"trained {result.step} steps; release-layout model in {result.export_dir}")
     else:

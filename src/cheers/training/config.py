@@ -22,9 +22,6 @@ dotted paths, list items by index: ``train.lr=2e-5``, ``data.sources.0.path=/dat
 from __future__ import annotations
 
 import copy
-import dataclasses
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,11 +29,16 @@ from typing import Any
 
 import yaml
 
+from cheers.dataclass_loader import StrictLoader
 from cheers.flow import sample_t
 
 
 class RecipeError(ValueError):
     """A recipe is missing, malformed, or has an unknown or invalid value (the message names its path)."""
+
+
+# Recipes are written by people and overridden on the command line: numbers may arrive as text.
+_LOADER = StrictLoader(RecipeError, "recipe", parse_text=True)
 
 
 @dataclass
@@ -120,7 +122,9 @@ class TrainSection:
     grad_clip: float = 1.0
     flow_loss_weight: float = 1.0  # lambda in L_AR + lambda * L_FM
     seed: int = 0
-    max_nonfinite_steps: int = 5  # consecutive NaN/inf steps (each skipped) before the run stops with an error
+    max_nonfinite_steps: int = (
+        5  # consecutive NaN/inf steps (each skipped) before the run stops with an error
+    )
 
 
 @dataclass
@@ -189,11 +193,15 @@ class Recipe:
             if getattr(t, name) <= 0:
                 raise RecipeError(f"train.{name} must be positive, got {getattr(t, name)}")
         if t.global_batch % t.micro_batch:
-            raise RecipeError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
-                              f"({t.micro_batch})")
+            raise RecipeError(
+                f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
+                f"({t.micro_batch})"
+            )
         if t.lr <= 0 or not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
-            raise RecipeError(f"train: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1; got "
-                              f"{t.lr}, {t.warmup_ratio}, {t.min_lr_ratio}")
+            raise RecipeError(
+                f"train: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1; got "
+                f"{t.lr}, {t.warmup_ratio}, {t.min_lr_ratio}"
+            )
         from cheers.training.optim import check_lr_multipliers  # imports the model (circular at module level)
 
         try:
@@ -237,82 +245,14 @@ class Recipe:
         if not self.init.und_projector_scale > 0:
             raise RecipeError(f"init.und_projector_scale must be > 0, got {self.init.und_projector_scale}")
         if self.init.from_release and (self.init.llm or self.init.vision or self.init.vae):
-            raise RecipeError("init.from_release brings every part; do not combine it with init.llm/vision/vae")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# building dataclasses from plain data, strictly
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, path)
-            except RecipeError as err:
-                errors.append(str(err))
-        raise RecipeError(errors[0] if errors else f"{path}: cannot be {value!r}")
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{path}: expected a list, got {value!r}")
-        return [_coerce(v, args[0] if args else Any, f"{path}.{i}") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise RecipeError(f"{path}: expected true or false, got {value!r}")
-    if hint in (int, float):
-        if isinstance(value, bool):
-            raise RecipeError(f"{path}: expected a number, got {value!r}")
-        if isinstance(value, str):
-            try:
-                value = float(value) if hint is float else int(value)
-            except ValueError:
-                raise RecipeError(f"{path}: expected a number, got {value!r}") from None
-        if hint is int and isinstance(value, float):
-            if not value.is_integer():
-                raise RecipeError(f"{path}: expected a whole number, got {value!r}")
-            value = int(value)
-        if not isinstance(value, (int, float)):
-            raise RecipeError(f"{path}: expected a number, got {value!r}")
-        return hint(value)
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise RecipeError(f"{path}: expected a string, got {value!r}")
-    raise RecipeError(f"{path}: unsupported field type {hint!r}")  # pragma: no cover
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path or 'recipe'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        where = ", ".join(f"{path}.{k}" if path else k for k in unknown)
-        raise RecipeError(f"unknown recipe key(s): {where}; known keys{' of ' + path if path else ''}: {known}")
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
-    return cls(**kwargs)
+            raise RecipeError(
+                "init.from_release brings every part; do not combine it with init.llm/vision/vae"
+            )
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Build and validate a :class:`Recipe` from plain data (unknown keys raise with their path)."""
-    recipe = _build(Recipe, data, "")
+    recipe = _LOADER.build(Recipe, data)
     recipe.validate()
     return recipe
 
@@ -334,7 +274,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``data`` with dotted overrides applied (list items by index); the result is validated later."""
+    """A copy of ``data`` with dotted overrides applied (list items by index); the result is validated
+    later."""
     data = copy.deepcopy(data)
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
     for key, value in items:
@@ -375,7 +316,9 @@ def _index(items: list, part: str, walked: list[str]) -> int:
     except ValueError:
         raise RecipeError(f"{'.'.join(walked)}: {part!r} is not a list index") from None
     if not -len(items) <= index < len(items):
-        raise RecipeError(f"{'.'.join(walked)}: index {index} is out of range (the list has {len(items)} items)")
+        raise RecipeError(
+            f"{'.'.join(walked)}: index {index} is out of range (the list has {len(items)} items)"
+        )
     return index
 
 
@@ -391,8 +334,10 @@ def recipe_path(name_or_path: str | Path) -> Path:
     packaged = resources.files("cheers.training") / "recipes" / f"{name_or_path}.yaml"
     if packaged.is_file():
         return Path(str(packaged))
-    raise RecipeError(f"no recipe file {str(name_or_path)!r} and no packaged recipe of that name; packaged: "
-                      f"{packaged_recipes()}")
+    raise RecipeError(
+        f"no recipe file {str(name_or_path)!r} and no packaged recipe of that name; packaged: "
+        f"{packaged_recipes()}"
+    )
 
 
 def packaged_recipes() -> list[str]:

@@ -58,7 +58,9 @@ def setup(engine: EngineSection) -> DistInfo:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     strategy = engine.strategy if engine.strategy != "auto" else ("single" if world == 1 else "fsdp")
     if strategy == "single" and world > 1:
-        raise RuntimeError(f"engine.strategy 'single' under a launcher with WORLD_SIZE={world}; use ddp or fsdp")
+        raise RuntimeError(
+            f"engine.strategy 'single' under a launcher with WORLD_SIZE={world}; use ddp or fsdp"
+        )
     if strategy in ("ddp", "fsdp") and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # one process without torchrun (benchmarks): a local group of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -117,8 +119,11 @@ def wrap(model: Cheers, info: DistInfo, engine: EngineSection) -> nn.Module:
     if info.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                                       find_unused_parameters=engine.find_unused_parameters)
+        return DistributedDataParallel(
+            model,
+            device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            find_unused_parameters=engine.find_unused_parameters,
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -19,13 +19,8 @@ from typing import Any
 
 import torch
 
-from cheers.models.cheers import Cheers
-from cheers.processor import CheersProcessor
-from cheers.training import checkpointing as ckpts
-from cheers.training import distributed as d
-from cheers.training.collate import collate
-from cheers.training.config import Recipe, RecipeError, dump_recipe
-from cheers.training.data import (
+from cheers.data.collate import collate
+from cheers.data.loader import (
     CorruptTracker,
     Layout,
     MicroBatches,
@@ -33,12 +28,18 @@ from cheers.training.data import (
     make_loader,
     seed_everything,
 )
-from cheers.training.hooks import Hook, default_hooks, run_hooks
+from cheers.data.samples import SampleBuilder
+from cheers.data.sources import Source
+from cheers.models.cheers import Cheers
+from cheers.models.vae_fast import install_fast_vae
+from cheers.processor import CheersProcessor
+from cheers.training import checkpointing as ckpts
+from cheers.training import distributed as d
+from cheers.training.config import Recipe, RecipeError, dump_recipe
+from cheers.training.hooks import Hook, run_hooks
 from cheers.training.monitor import Monitor
 from cheers.training.optim import StepBudget, build_optimizer, build_scheduler, trainable_parameters
 from cheers.training.parts import build_model, build_processor, model_config
-from cheers.training.samples import SampleBuilder
-from cheers.training.sources import Source
 from cheers.training.stages import log_deviations
 
 logger = logging.getLogger(__name__)
@@ -69,15 +70,25 @@ class Trainer:
         resume: continue from ``<run_dir>/checkpoints/latest`` when it exists.
         processor, model, sources: ready-made parts instead of the recipe's (tests, notebooks); ``sources`` is
             a list of (source, ratio).
-        hooks: extra callbacks (see :mod:`cheers.training.hooks`); the recipe's ShapesWorld hooks are added.
-        stop_after: leave after this many steps of this invocation (a checkpoint is written), e.g. to fit a job
-            time limit; the schedule still spans ``train.steps``.
+        hooks: callbacks (see :mod:`cheers.training.hooks`). The ShapesWorld hooks of the recipe's
+            ``log.sample_every`` / ``log.score_every`` come from :func:`cheers.eval.train_hooks.recipe_hooks`;
+            ``cheers train`` passes them, other callers pass them (or their own) here.
+        stop_after: leave after this many steps of this invocation (a checkpoint is written), e.g. to fit a
+            job time limit; the schedule still spans ``train.steps``.
     """
 
-    def __init__(self, recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool = False,
-                 processor: CheersProcessor | None = None, model: Cheers | None = None,
-                 sources: Sequence[tuple[Source, int]] | None = None, hooks: Sequence[Hook] = (),
-                 stop_after: int | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: str | Path | None = None,
+        *,
+        resume: bool = False,
+        processor: CheersProcessor | None = None,
+        model: Cheers | None = None,
+        sources: Sequence[tuple[Source, int]] | None = None,
+        hooks: Sequence[Hook] = (),
+        stop_after: int | None = None,
+    ) -> None:
         recipe.validate()
         if recipe.stage == "0":
             raise RecipeError("stage 0 trains the VAE: use cheers.training.vae_stage0.train_vae")
@@ -85,7 +96,7 @@ class Trainer:
         self.run_dir = Path(run_dir or recipe.out)
         self.resume = resume
         self.processor, self.model, self.sources = processor, model, sources
-        self.extra_hooks = list(hooks)
+        self.hooks = list(hooks)
         self.stop_after = stop_after
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -94,8 +105,9 @@ class Trainer:
         config = self.model.config if self.model is not None else model_config(r)
         saved = self.run_dir / "processor"  # the run's tokenizer, so that a resumed run reads the same ids
         if self.processor is None and resume_from is not None and saved.is_dir():
-            processor = CheersProcessor.from_pretrained(saved, image_size=config.image_size,
-                                                        patch_size=config.patch_size)
+            processor = CheersProcessor.from_pretrained(
+                saved, image_size=config.image_size, patch_size=config.patch_size
+            )
         else:
             processor = self.processor or build_processor(r, config)
         if info.is_main and not saved.exists():
@@ -113,14 +125,18 @@ class Trainer:
             model = build_model(r, processor.special, config)
         if model.special is None:
             model.special = processor.special
+        install_fast_vae(model)  # the frozen VAE decoders' faster forms (same numbers up to rounding)
         model.train()
         counts = model.set_trainable(r.train.trainable)
         frozen = d.freeze_unused(model)
         for group, count in counts.items():
             logger.info("trainable %-15s %12d parameters", group, count)
-        logger.info("trainable total %d of %d parameters (%d in the never-run SigLIP head frozen)",
-                    sum(p.numel() for p in model.parameters() if p.requires_grad),
-                    sum(p.numel() for p in model.parameters()), frozen)
+        logger.info(
+            "trainable total %d of %d parameters (%d in the never-run SigLIP head frozen)",
+            sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.parameters()),
+            frozen,
+        )
         if r.engine.gradient_checkpointing:
             d.enable_gradient_checkpointing(model)
         return model
@@ -129,8 +145,10 @@ class Trainer:
         r, t = self.recipe, self.recipe.train
         per_step = t.micro_batch * info.world_size
         if t.global_batch % per_step:
-            raise RecipeError(f"train.global_batch {t.global_batch} is not a multiple of micro_batch x processes "
-                              f"= {t.micro_batch} x {info.world_size}")
+            raise RecipeError(
+                f"train.global_batch {t.global_batch} is not a multiple of micro_batch x processes "
+                f"= {t.micro_batch} x {info.world_size}"
+            )
         accumulation = t.global_batch // per_step
         if self.sources is not None:
             sources, ratios = [s for s, _ in self.sources], [int(w) for _, w in self.sources]
@@ -138,14 +156,32 @@ class Trainer:
             sources, ratios = build_sources(r.data.sources, model.config.image_size)
         cfg = model.config
         grid = cfg.image_size // cfg.patch_size
-        builder = SampleBuilder(self.processor, (cfg.latent_channels, grid, grid), r.data.cfg_dropout,
-                                max_length=cfg.options.max_sequence_length, tokens_per_image=grid * grid // 4,
-                                time_sampling=r.data.time_sampling)
+        builder = SampleBuilder(
+            self.processor,
+            (cfg.latent_channels, grid, grid),
+            r.data.cfg_dropout,
+            max_length=cfg.options.max_sequence_length,
+            tokens_per_image=grid * grid // 4,
+            time_sampling=r.data.time_sampling,
+        )
         layout = Layout(t.micro_batch, accumulation, info.world_size, info.rank)
-        dataset = MicroBatches(sources, ratios, builder, functools.partial(collate, pad_id=self.processor.special.pad),
-                               layout, r.data.seed, r.data.max_retries)
-        loader = make_loader(dataset, start_step * accumulation, t.steps * accumulation, r.data.num_workers,
-                             r.data.prefetch_factor, pin_memory=info.device.type == "cuda")
+        dataset = MicroBatches(
+            sources,
+            ratios,
+            builder,
+            functools.partial(collate, pad_id=self.processor.special.pad),
+            layout,
+            r.data.seed,
+            r.data.max_retries,
+        )
+        loader = make_loader(
+            dataset,
+            start_step * accumulation,
+            t.steps * accumulation,
+            r.data.num_workers,
+            r.data.prefetch_factor,
+            pin_memory=info.device.type == "cuda",
+        )
         return iter(loader), accumulation
 
     # -- the run ---------------------------------------------------------------------------------------------
@@ -179,27 +215,51 @@ class Trainer:
         if resume_from is not None:
             state = ckpts.load_checkpoint(resume_from, module, optimizer, scheduler, info)
             if state["global_batch"] != t.global_batch:
-                raise RecipeError(f"{resume_from} was trained with global batch {state['global_batch']}; this recipe "
-                                  f"has {t.global_batch} (the data positions would not continue)")
+                raise RecipeError(
+                    f"{resume_from} was trained with global batch {state['global_batch']}; this recipe "
+                    f"has {t.global_batch} (the data positions would not continue)"
+                )
             if state["data"]["seed"] != r.data.seed:
-                logger.warning("%s was trained with data seed %s; continuing with %s (a different sample order)",
-                               resume_from, state["data"]["seed"], r.data.seed)
+                logger.warning(
+                    "%s was trained with data seed %s; continuing with %s (a different sample order)",
+                    resume_from,
+                    state["data"]["seed"],
+                    r.data.seed,
+                )
             start = int(state["step"])
             tracker.load_state_dict(state["data"]["corrupt"])
         elif self.resume:
             logger.info("no checkpoint in %s: starting from scratch", self.run_dir)
         # 7. data
         batches, accumulation = self._data(info, model, start)
-        monitor = Monitor(self.run_dir, t.steps, start, enabled=info.is_main, tensorboard=r.log.tensorboard,
-                          progress=r.log.progress)
+        monitor = Monitor(
+            self.run_dir,
+            t.steps,
+            start,
+            enabled=info.is_main,
+            tensorboard=r.log.tensorboard,
+            progress=r.log.progress,
+        )
         uses_shapes = any(s.kind == "shapes" for s in r.data.sources) and self.sources is None
-        hooks = [*default_hooks(r.log, uses_shapes), *self.extra_hooks]
+        if uses_shapes and (r.log.sample_every > 0 or r.log.score_every > 0) and not self.hooks:
+            logger.warning(
+                "log.sample_every / log.score_every are set but no hooks were passed: nothing is sampled "
+                "or scored (pass hooks=cheers.eval.train_hooks.recipe_hooks(recipe), as cheers train does)"
+            )
         autocast = autocast_context(r.engine.precision, info.device)
         result = TrainResult(self.run_dir, start)
         stop = t.steps if self.stop_after is None else start + self.stop_after
         last = min(t.steps, stop)
-        logger.info("training steps %d..%d of %d: global batch %d = %d x %d accumulation x %d processes", start + 1,
-                    last, t.steps, t.global_batch, t.micro_batch, accumulation, info.world_size)
+        logger.info(
+            "training steps %d..%d of %d: global batch %d = %d x %d accumulation x %d processes",
+            start + 1,
+            last,
+            t.steps,
+            t.global_batch,
+            t.micro_batch,
+            accumulation,
+            info.world_size,
+        )
         budget = None
         if t.minutes > 0:  # every process follows rank 0's fit, so that all stop at the same step
             agree = (lambda n: int(d.broadcast_object(n, info))) if info.world_size > 1 else None
@@ -208,8 +268,9 @@ class Trainer:
         try:
             step = start
             while step < last:
-                metrics = self._step(module, batches, accumulation, params, optimizer, scheduler, tracker, info,
-                                     autocast)
+                metrics = self._step(
+                    module, batches, accumulation, params, optimizer, scheduler, tracker, info, autocast
+                )
                 done = step = step + 1
                 if budget is not None:  # the run's length is what the budget fits (export and resume read it)
                     t.steps = budget.update(done)
@@ -220,16 +281,33 @@ class Trainer:
                 if done % max(r.log.every, 1) == 0 or done in (start + 1, last):
                     monitor.log(done, metrics)
                     result.history.append({"step": done, **metrics})
-                scores = run_hooks(hooks, done, module, model, self.processor, self.run_dir, info, monitor)
+                scores = run_hooks(
+                    self.hooks, done, module, model, self.processor, self.run_dir, info, monitor
+                )
                 if scores:
                     monitor.log(done, scores, prefix="score")
                     result.history.append({"step": done, **scores})
-                if (r.checkpoint.every and done % r.checkpoint.every == 0) or (done == last and r.checkpoint.at_end):
-                    trainer_state = {"global_batch": t.global_batch, "micro_batch": t.micro_batch,
-                                     "accumulation": accumulation, "samples_seen": done * t.global_batch,
-                                     "data": {"seed": r.data.seed, "corrupt": tracker.state_dict()}}
-                    ckpts.save_checkpoint(self.run_dir, done, module, optimizer, scheduler, trainer_state, info,
-                                          keep=r.checkpoint.keep, max_shard_size=r.checkpoint.max_shard_size)
+                if (r.checkpoint.every and done % r.checkpoint.every == 0) or (
+                    done == last and r.checkpoint.at_end
+                ):
+                    trainer_state = {
+                        "global_batch": t.global_batch,
+                        "micro_batch": t.micro_batch,
+                        "accumulation": accumulation,
+                        "samples_seen": done * t.global_batch,
+                        "data": {"seed": r.data.seed, "corrupt": tracker.state_dict()},
+                    }
+                    ckpts.save_checkpoint(
+                        self.run_dir,
+                        done,
+                        module,
+                        optimizer,
+                        scheduler,
+                        trainer_state,
+                        info,
+                        keep=r.checkpoint.keep,
+                        max_shard_size=r.checkpoint.max_shard_size,
+                    )
                 result.step = done
         finally:
             monitor.close()
@@ -245,8 +323,18 @@ class Trainer:
                 result.export_dir = export
         return result
 
-    def _step(self, module, batches, accumulation: int, params, optimizer, scheduler, tracker: CorruptTracker,
-              info: d.DistInfo, autocast) -> dict[str, float]:
+    def _step(
+        self,
+        module,
+        batches,
+        accumulation: int,
+        params,
+        optimizer,
+        scheduler,
+        tracker: CorruptTracker,
+        info: d.DistInfo,
+        autocast,
+    ) -> dict[str, float]:
         """One optimizer step: accumulate, clip, update; returns the step's numbers over all processes."""
         t = self.recipe.train
         tic = time.perf_counter()
@@ -255,8 +343,10 @@ class Trainer:
         for a in range(accumulation):
             batch = next(batches)
             read, corrupt = read + batch.attempted, corrupt + batch.corrupt
-            tracker.reasons = {k: tracker.reasons.get(k, 0) + batch.reasons.get(k, 0)
-                               for k in {*tracker.reasons, *batch.reasons}}
+            tracker.reasons = {
+                k: tracker.reasons.get(k, 0) + batch.reasons.get(k, 0)
+                for k in {*tracker.reasons, *batch.reasons}
+            }
             batch = batch.to(info.device, non_blocking=True)
             with d.gradient_sync(module, info, sync=a == accumulation - 1):
                 with autocast():
@@ -274,21 +364,37 @@ class Trainer:
         else:  # policy: skip the update (weights and optimizer state untouched), stop after too many in a row
             self.nonfinite_run = getattr(self, "nonfinite_run", 0) + 1
             self.nonfinite_total = getattr(self, "nonfinite_total", 0) + 1
-            logger.warning("non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
-                           sums.tolist(), float(grad_norm), self.nonfinite_run)
+            logger.warning(
+                "non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
+                sums.tolist(),
+                float(grad_norm),
+                self.nonfinite_run,
+            )
             if self.nonfinite_run > t.max_nonfinite_steps:
                 raise FloatingPointError(
                     f"{self.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient (limit "
-                    f"train.max_nonfinite_steps={t.max_nonfinite_steps}); lower the learning rate or check the data")
+                    f"train.max_nonfinite_steps={t.max_nonfinite_steps}); "
+                    "lower the learning rate or check the data"
+                )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         reduced = d.all_reduce_sum([*(sums / accumulation).tolist(), read, corrupt], info)
         tracker.attempted += int(reduced[3])
         tracker.corrupt += int(reduced[4])
-        tracker.check(self.recipe.data.max_corrupt_fraction, self.recipe.data.corrupt_grace)  # same on every rank
+        tracker.check(
+            self.recipe.data.max_corrupt_fraction, self.recipe.data.corrupt_grace
+        )  # same on every rank
         loss, text, flow = (v / info.world_size for v in reduced[:3])
-        return {"loss": loss, "text_loss": text, "image_loss": flow, "lr": lr, "grad_norm": float(grad_norm),
-                "samples_per_s": t.global_batch / (time.perf_counter() - tic), "skipped": 0 if finite else 1}
+        return {
+            "loss": loss,
+            "text_loss": text,
+            "image_loss": flow,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "samples_per_s": t.global_batch / (time.perf_counter() - tic),
+            "skipped": 0 if finite else 1,
+        }
+
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, **kwargs: Any) -> TrainResult:
     """Run a stage I-IV recipe (see :class:`Trainer` for the arguments)."""

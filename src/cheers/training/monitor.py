@@ -13,8 +13,14 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
-_BAR_KEYS = {"loss": "loss", "text_loss": "text", "image_loss": "flow", "lr": "lr", "grad_norm": "gnorm",
-             "samples_per_s": "smp/s"}
+_BAR_KEYS = {
+    "loss": "loss",
+    "text_loss": "text",
+    "image_loss": "flow",
+    "lr": "lr",
+    "grad_norm": "gnorm",
+    "samples_per_s": "smp/s",
+}
 
 
 def _tensorboard_writer(directory: Path):
@@ -38,8 +44,15 @@ class Monitor:
         tensorboard, progress: the recipe's ``log`` switches.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 tensorboard: bool = True, progress: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        progress: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS
         self.writer = None
@@ -54,8 +67,13 @@ class Monitor:
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                            disable=not sys.stderr.isatty() and os.environ.get("CHEERS_PROGRESS") != "1")
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                dynamic_ncols=True,
+                disable=not sys.stderr.isatty() and os.environ.get("CHEERS_PROGRESS") != "1",
+            )
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.is_file():
@@ -82,8 +100,10 @@ class Monitor:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.writer.add_scalar(f"{prefix}/{key}", value, step)
         if self.bar is not None and prefix == "train":
-            self.bar.set_postfix({short: _fmt(metrics[key]) for key, short in _BAR_KEYS.items() if key in metrics},
-                                 refresh=False)
+            self.bar.set_postfix(
+                {short: _fmt(metrics[key]) for key, short in _BAR_KEYS.items() if key in metrics},
+                refresh=False,
+            )
 
     def set_total(self, total_steps: int) -> None:
         """The run's length changed (a time budget re-fitted it)."""

@@ -1,4 +1,5 @@
-"""AdamW over the trainable groups and the learning-rate schedule (linear warm-up, then constant or cosine)."""
+"""AdamW over the trainable groups and the learning-rate schedule (linear warm-up, then constant or
+cosine)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def check_lr_multipliers(multipliers: dict[str, float]) -> None:
-    """Raise ValueError unless every key is a :class:`Cheers` parameter group and every factor a number > 0."""
+    """Raise ValueError unless every key is a :class:`Cheers` parameter group and every factor a
+    number > 0."""
     from cheers.models.cheers import Cheers
 
     for group, factor in multipliers.items():
@@ -53,8 +55,10 @@ def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], train: TrainSecti
     if not buckets:
         raise ValueError("no trainable parameters: check train.trainable")
     order = sorted(buckets, key=lambda k: (not k[0], k[1] != 1.0, k[1]))  # decay first, the base lr first
-    groups = [{"params": buckets[k], "weight_decay": train.weight_decay if k[0] else 0.0, "lr": train.lr * k[1]}
-              for k in order]
+    groups = [
+        {"params": buckets[k], "weight_decay": train.weight_decay if k[0] else 0.0, "lr": train.lr * k[1]}
+        for k in order
+    ]
     return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps, foreach=False)
 
 
@@ -96,14 +100,22 @@ class StepBudget:
     The rate is measured from ``skip`` steps after the start (the first steps pay for warm-up work) and the
     run's total steps are re-fitted every ``every`` steps, so the warm-up and the cosine decay end when the
     budget does; ``train.steps`` stays the upper bound. Because :func:`lr_factor` is a pure function of
-    (step, total), a re-fit only bends the remaining schedule. Decisions (re-fits and the stop at the deadline)
-    happen only every ``every`` steps and go through ``agree`` (e.g. rank 0's value broadcast to every
-    process), so that all processes stop at the same step. Setup, evaluation hooks after the loop, export and
-    stage 0's statistics fit are not counted.
+    (step, total), a re-fit only bends the remaining schedule. Decisions (re-fits and the stop at the
+    deadline) happen only every ``every`` steps and go through ``agree`` (e.g. rank 0's value broadcast to
+    every process), so that all processes stop at the same step. Setup, evaluation hooks after the loop,
+    export and stage 0's statistics fit are not counted.
     """
 
-    def __init__(self, minutes: float, start: int, max_steps: int, scheduler: LambdaLR | None,
-                 skip: int = 10, every: int = 10, agree: Callable[[int], int] | None = None) -> None:
+    def __init__(
+        self,
+        minutes: float,
+        start: int,
+        max_steps: int,
+        scheduler: LambdaLR | None,
+        skip: int = 10,
+        every: int = 10,
+        agree: Callable[[int], int] | None = None,
+    ) -> None:
         if minutes <= 0:
             raise ValueError(f"train.minutes must be > 0 for a budget, got {minutes}")
         self.deadline = time.monotonic() + 60.0 * minutes

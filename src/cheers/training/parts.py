@@ -8,8 +8,8 @@
   onto ours (``model.language_model.*``, ``model.vision_representation.*``, ``model.vae_model.*``) and
   loaded strictly: a missing, unexpected or mis-shaped tensor, or a config that disagrees with the
   recipe's model, raises with the names.
-  ``init.vae`` and ``init.vision`` may also name a directory in the release layout, or ``default`` (the bundled
-  model): only that part's tensors are taken from it, the rest of the model starts from scratch.
+  ``init.vae`` and ``init.vision`` may also name a directory in the release layout, or ``default`` (the
+  bundled model): only that part's tensors are taken from it, the rest of the model starts from scratch.
 * nothing: a randomly initialised model of ``model.preset`` (ShapesWorld, tests).
 """
 
@@ -23,6 +23,7 @@ import torch
 
 from cheers import checkpoint as ckpt
 from cheers.config import CheersConfig, preset
+from cheers.data.shapes_source import build_shapes_processor
 from cheers.models.cheers import Cheers
 from cheers.models.pretrained import from_pretrained, resolve_dtype
 from cheers.processor import CheersProcessor
@@ -52,21 +53,24 @@ def model_config(recipe: Recipe) -> CheersConfig:
 
 
 def build_processor(recipe: Recipe, config: CheersConfig) -> CheersProcessor:
-    """The tokenizer + image preprocessing at the model's resolution (``data.processor``, else a starting point)."""
+    """The tokenizer + image preprocessing at the model's resolution (``data.processor``, else a starting
+    point)."""
     source = recipe.data.processor or release_dir(recipe) or recipe.init.llm
     size, patch = config.image_size, config.patch_size
     if source is None:
-        raise RecipeError("data.processor: no tokenizer; give a tokenizer directory, 'shapes', or init.from_release "
-                          "/ init.llm with tokenizer files")
+        raise RecipeError(
+            "data.processor: no tokenizer; give a tokenizer directory, 'shapes', or init.from_release "
+            "/ init.llm with tokenizer files"
+        )
     if source == "shapes":
-        from cheers.training.shapes_source import build_shapes_processor
-
         processor = build_shapes_processor(size, patch, config.text.vocab_size)
     else:
         processor = CheersProcessor.from_pretrained(source, image_size=size, patch_size=patch)
     if len(processor.tokenizer) > config.text.vocab_size:
-        raise RecipeError(f"the tokenizer has {len(processor.tokenizer)} entries but the model's vocabulary has "
-                          f"{config.text.vocab_size}")
+        raise RecipeError(
+            f"the tokenizer has {len(processor.tokenizer)} entries but the model's vocabulary has "
+            f"{config.text.vocab_size}"
+        )
     return processor
 
 
@@ -76,8 +80,9 @@ def build_model(recipe: Recipe, special: SpecialTokens, config: CheersConfig | N
     dtype = resolve_dtype(recipe.model.dtype)
     release = release_dir(recipe)
     if release and not recipe.model.overrides:
-        return scale_und_projector(from_pretrained(release, dtype=dtype, special=special),
-                                   recipe.init.und_projector_scale).train()
+        return scale_und_projector(
+            from_pretrained(release, dtype=dtype, special=special), recipe.init.und_projector_scale
+        ).train()
     torch.manual_seed(recipe.train.seed)
     model = Cheers(config, special=special)
     if release:
@@ -115,28 +120,46 @@ def _read_config(directory: str | Path, what: str) -> dict:
 
 
 def _check_fields(theirs: dict, ours: dict, what: str) -> None:
-    bad = [f"{k}: checkpoint {theirs[k]!r} vs model {v!r}" for k, v in ours.items() if k in theirs and theirs[k] != v]
+    bad = [
+        f"{k}: checkpoint {theirs[k]!r} vs model {v!r}"
+        for k, v in ours.items()
+        if k in theirs and theirs[k] != v
+    ]
     if bad:
         raise ckpt.CheckpointError(f"{what} config disagrees with the recipe's model: {'; '.join(bad)}")
 
 
-def _assign(model: Cheers, mapped: dict[str, torch.Tensor], prefixes: tuple[str, ...], what: str,
-            optional: tuple[str, ...] = ()) -> None:
+def _assign(
+    model: Cheers,
+    mapped: dict[str, torch.Tensor],
+    prefixes: tuple[str, ...],
+    what: str,
+    optional: tuple[str, ...] = (),
+) -> None:
     """Strictly load ``mapped`` (already our names) into the parameters under ``prefixes``."""
     expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     if model.config.text.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     missing = sorted(k for k in expected.keys() - mapped.keys() if not k.startswith(optional))
     unexpected = sorted(mapped.keys() - expected.keys())
-    shapes = [f"{k}: {tuple(mapped[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in sorted(mapped.keys() & expected.keys()) if mapped[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: {tuple(mapped[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in sorted(mapped.keys() & expected.keys())
+        if mapped[k].shape != expected[k].shape
+    ]
     if missing or unexpected or shapes:
-        raise ckpt.CheckpointError(f"{what} does not match the model: missing {ckpt._cap(missing)}; unexpected "
-                                   f"{ckpt._cap(unexpected)}; shape mismatches {ckpt._cap(shapes)}")
+        raise ckpt.CheckpointError(
+            f"{what} does not match the model: missing {ckpt._cap(missing)}; unexpected "
+            f"{ckpt._cap(unexpected)}; shape mismatches {ckpt._cap(shapes)}"
+        )
     skipped = sorted(k for k in expected.keys() - mapped.keys())
     if skipped:
-        logger.warning("%s: %d tensor(s) absent from the checkpoint keep their initialisation: %s", what,
-                       len(skipped), ckpt._cap(skipped))
+        logger.warning(
+            "%s: %d tensor(s) absent from the checkpoint keep their initialisation: %s",
+            what,
+            len(skipped),
+            ckpt._cap(skipped),
+        )
     model.load_state_dict(mapped, strict=False)
     model.tie_weights()
     logger.info("%s: loaded %d tensors", what, len(mapped))
@@ -152,7 +175,8 @@ def part_dir(name: str) -> str:
 
 
 def _release_part(directory: str | Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
-    """The tensors under ``prefixes`` when ``directory`` holds a whole model in the release layout, else None."""
+    """The tensors under ``prefixes`` when ``directory`` holds a whole model in the release layout, else
+    None."""
     config = Path(directory) / ckpt.CONFIG_NAME
     if not config.is_file() or "vision_representation_config" not in json.loads(config.read_text()):
         return None
@@ -161,13 +185,23 @@ def _release_part(directory: str | Path, prefixes: tuple[str, ...]) -> dict[str,
 
 
 def load_llm(model: Cheers, directory: str | Path) -> None:
-    """A Qwen2 / Qwen2.5 checkpoint (``Qwen2Model``: ``layers.*``; ``Qwen2ForCausalLM``: ``model.layers.*``)."""
+    """A Qwen2 / Qwen2.5 checkpoint (``Qwen2Model``: ``layers.*``; ``Qwen2ForCausalLM``:
+    ``model.layers.*``)."""
     what = f"LLM {directory}"
     cfg, text = _read_config(directory, what), model.config.text
-    _check_fields(cfg, {"hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
-                        "num_hidden_layers": text.num_hidden_layers, "num_attention_heads": text.num_attention_heads,
-                        "num_key_value_heads": text.num_key_value_heads, "vocab_size": text.vocab_size,
-                        "tie_word_embeddings": text.tie_word_embeddings}, what)
+    _check_fields(
+        cfg,
+        {
+            "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size,
+            "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads,
+            "num_key_value_heads": text.num_key_value_heads,
+            "vocab_size": text.vocab_size,
+            "tie_word_embeddings": text.tie_word_embeddings,
+        },
+        what,
+    )
     mapped: dict[str, torch.Tensor] = {}
     for name, tensor in ckpt.load_state_dict(directory).items():
         if name == "lm_head.weight":
@@ -192,9 +226,18 @@ def load_vision(model: Cheers, directory: str | Path) -> None:
     cfg = _read_config(directory, what)
     cfg = cfg.get("vision_config", cfg)
     vis = model.config.vision
-    _check_fields(cfg, {"hidden_size": vis.hidden_size, "intermediate_size": vis.intermediate_size,
-                        "num_hidden_layers": vis.num_hidden_layers, "num_attention_heads": vis.num_attention_heads,
-                        "patch_size": vis.patch_size, "image_size": vis.image_size}, what)
+    _check_fields(
+        cfg,
+        {
+            "hidden_size": vis.hidden_size,
+            "intermediate_size": vis.intermediate_size,
+            "num_hidden_layers": vis.num_hidden_layers,
+            "num_attention_heads": vis.num_attention_heads,
+            "patch_size": vis.patch_size,
+            "image_size": vis.image_size,
+        },
+        what,
+    )
     mapped = {}
     for name, tensor in ckpt.load_state_dict(directory).items():
         if name.startswith("text_model.") or name in ("logit_scale", "logit_bias"):
@@ -205,8 +248,8 @@ def load_vision(model: Cheers, directory: str | Path) -> None:
 
 def load_vae(model: Cheers, directory: str | Path) -> None:
     """A VAE: our stage-0 output (``vae_model.*`` + ``vae_decoder_projector.*``), release names with
-    ``model.``, or a bare BFL VAE (``encoder.*``, ``decoder.*``, ``bn.*``). Without a pixel decoder of its own,
-    the VAE's decoder and latent statistics are copied into ``vae_decoder_projector``."""
+    ``model.``, or a bare BFL VAE (``encoder.*``, ``decoder.*``, ``bn.*``). Without a pixel decoder of its
+    own, the VAE's decoder and latent statistics are copied into ``vae_decoder_projector``."""
     what = f"VAE {directory}"
     part = _release_part(directory, (VAE, PIXEL_DECODER))
     if part is not None:
@@ -220,6 +263,8 @@ def load_vae(model: Cheers, directory: str | Path) -> None:
         mapped["model." + name] = tensor
     if not any(k.startswith(PIXEL_DECODER) for k in mapped):
         for name in [k for k in mapped if k.startswith((VAE + "decoder.", VAE + "bn."))]:
-            mapped[PIXEL_DECODER + name[len(VAE):]] = mapped[name].clone()
-        logger.info("%s has no pixel decoder: vae_decoder_projector starts as a copy of the VAE decoder", what)
+            mapped[PIXEL_DECODER + name[len(VAE) :]] = mapped[name].clone()
+        logger.info(
+            "%s has no pixel decoder: vae_decoder_projector starts as a copy of the VAE decoder", what
+        )
     _assign(model, mapped, (VAE, PIXEL_DECODER), what)

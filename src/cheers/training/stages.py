@@ -1,14 +1,15 @@
-"""The paper's training stages as data (arXiv 2603.12793, Sec. "Training"), and the check that a recipe follows one.
+"""The paper's training stages as data (arXiv 2603.12793, Sec. "Training"), and the check that a recipe
+follows one.
 
-=====  =====================  =====================================  =======  ===========  =====================
-Stage  Name                   Trainable groups                       LR       Schedule     Mixture
-=====  =====================  =====================================  =======  ===========  =====================
-0      VAE (ShapesWorld only) vae encoder/decoder, then bn.fit       2e-4     constant     images
-I      alignment              und_projector, flow_head, hfi_gate     1e-4     constant     und : gen = 1 : 1
-II     general pre-training   all groups but ``vae``                 1e-4     constant     und : gen : text = 3:6:1
-III    refined pre-training   all groups but ``vae``                 4e-5     constant     und : gen : text = 3:6:1
-IV     SFT                    all groups but ``vae``                 2e-5     cosine       und : gen = 1 : 1
-=====  =====================  =====================================  =======  ===========  =====================
+=====  ======================  ==================================  ====  ========  ========================
+Stage  Name                    Trainable groups                    LR    Schedule  Mixture
+=====  ======================  ==================================  ====  ========  ========================
+0      VAE (ShapesWorld only)  vae encoder/decoder, then bn.fit    2e-4  constant  images
+I      alignment               und_projector, flow_head, hfi_gate  1e-4  constant  und : gen = 1 : 1
+II     general pre-training    all groups but ``vae``              1e-4  constant  und : gen : text = 3:6:1
+III    refined pre-training    all groups but ``vae``              4e-5  constant  und : gen : text = 3:6:1
+IV     SFT                     all groups but ``vae``              2e-5  cosine    und : gen = 1 : 1
+=====  ======================  ==================================  ====  ========  ========================
 
 Every stage: AdamW, linear warm-up over 2% of the steps, gradient clipping at 1.0, flow-loss weight 1.0,
 the release's 0.2 CFG dropout of generation samples. Stage 0 is ours: no pretrained VAE exists for the
@@ -48,10 +49,22 @@ class StagePreset:
 
 PAPER_STAGES: dict[str, StagePreset] = {
     "I": StagePreset("I", "alignment", ALIGNMENT, 1e-4, "constant", {"understanding": 1, "generation": 1}),
-    "II": StagePreset("II", "general pre-training", ALL_BUT_VAE, 1e-4, "constant",
-                      {"understanding": 3, "generation": 6, "text": 1}),
-    "III": StagePreset("III", "refined pre-training", ALL_BUT_VAE, 4e-5, "constant",
-                       {"understanding": 3, "generation": 6, "text": 1}),
+    "II": StagePreset(
+        "II",
+        "general pre-training",
+        ALL_BUT_VAE,
+        1e-4,
+        "constant",
+        {"understanding": 3, "generation": 6, "text": 1},
+    ),
+    "III": StagePreset(
+        "III",
+        "refined pre-training",
+        ALL_BUT_VAE,
+        4e-5,
+        "constant",
+        {"understanding": 3, "generation": 6, "text": 1},
+    ),
     "IV": StagePreset("IV", "SFT", ALL_BUT_VAE, 2e-5, "cosine", {"understanding": 1, "generation": 1}),
 }
 
@@ -91,7 +104,9 @@ def deviations(recipe: Recipe) -> list[str]:
     if recipe.init.und_projector_scale != 1.0:
         out.append(f"init.und_projector_scale {recipe.init.und_projector_scale} (paper: 1)")
     if t.lr_multipliers:
-        out.append(f"train.lr_multipliers {dict(sorted(t.lr_multipliers.items()))} (paper: one lr for every group)")
+        out.append(
+            f"train.lr_multipliers {dict(sorted(t.lr_multipliers.items()))} (paper: one lr for every group)"
+        )
     if recipe.data.cfg_dropout != p.cfg_dropout:
         out.append(f"data.cfg_dropout {recipe.data.cfg_dropout} (paper: {p.cfg_dropout})")
     if recipe.data.time_sampling.get("kind", "uniform") != "uniform":

@@ -25,10 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cheers import checkpoint as ckpt
-from cheers.models.vae import LatentDecoder, VAEModel, patchify
-from cheers.training import checkpointing as ckpts
-from cheers.training.config import Recipe, RecipeError
-from cheers.training.data import (
+from cheers.data.loader import (
     CorruptTracker,
     Layout,
     MicroBatches,
@@ -36,11 +33,14 @@ from cheers.training.data import (
     make_loader,
     seed_everything,
 )
+from cheers.data.sources import CorruptSample
+from cheers.models.vae import LatentDecoder, VAEModel, patchify
+from cheers.training import checkpointing as ckpts
+from cheers.training.config import Recipe, RecipeError
 from cheers.training.distributed import DistInfo
 from cheers.training.monitor import Monitor
 from cheers.training.optim import StepBudget, build_optimizer, build_scheduler
 from cheers.training.parts import model_config
-from cheers.training.sources import CorruptSample
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +111,18 @@ def _loss(recipe: Recipe, rec: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return loss
 
 
-def train_vae(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool = False,
-              stop_after: int | None = None) -> Path:
+def train_vae(
+    recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool = False, stop_after: int | None = None
+) -> Path:
     """Run a stage-0 recipe; returns the VAE directory (``<run>/vae``), or the run dir when stopped early."""
     recipe.validate()
     if recipe.stage != "0":
         raise RecipeError(f"train_vae runs stage-0 recipes; this one is stage {recipe.stage!r}")
     r, t = recipe, recipe.train
     run_dir = Path(run_dir or r.out)
-    info = DistInfo(device=torch.device("cuda" if torch.cuda.is_available() and r.engine.device != "cpu" else "cpu"))
+    info = DistInfo(
+        device=torch.device("cuda" if torch.cuda.is_available() and r.engine.device != "cpu" else "cpu")
+    )
     seed_everything(t.seed)
     config = model_config(r)
     model = VAEPair(config).to(info.device).train()
@@ -136,12 +139,21 @@ def train_vae(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool
         tracker.load_state_dict(state["data"]["corrupt"])
     accumulation = t.global_batch // t.micro_batch
     sources, ratios = build_sources(r.data.sources, config.image_size)
-    dataset = MicroBatches(sources, ratios, _ImageBuilder(config.image_size), _collate_images,
-                           Layout(t.micro_batch, accumulation), r.data.seed, r.data.max_retries)
+    dataset = MicroBatches(
+        sources,
+        ratios,
+        _ImageBuilder(config.image_size),
+        _collate_images,
+        Layout(t.micro_batch, accumulation),
+        r.data.seed,
+        r.data.max_retries,
+    )
     fit_micro = -(-r.vae.fit_samples // t.micro_batch)
     stop = t.steps if stop_after is None else start + stop_after
     last = min(t.steps, stop)
-    loader = iter(make_loader(dataset, start * accumulation, t.steps * accumulation + fit_micro, r.data.num_workers))
+    loader = iter(
+        make_loader(dataset, start * accumulation, t.steps * accumulation + fit_micro, r.data.num_workers)
+    )
     monitor = Monitor(run_dir, t.steps, start, tensorboard=r.log.tensorboard, progress=r.log.progress)
     gen = torch.Generator(device=info.device).manual_seed(t.seed + start)
     try:
@@ -159,8 +171,12 @@ def train_vae(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool
                 recon = _loss(r, rec, pixels)
                 loss = recon + r.vae.kl_weight * kl
                 (loss / accumulation).backward()
-                totals += torch.stack([loss.detach(), recon.detach(), kl.detach()]).double().cpu() / accumulation
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e9)
+                totals += (
+                    torch.stack([loss.detach(), recon.detach(), kl.detach()]).double().cpu() / accumulation
+                )
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e9
+            )
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -174,13 +190,30 @@ def train_vae(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool
             monitor.advance()
             if done % max(r.log.every, 1) == 0 or done in (start + 1, last):
                 loss_v, recon_v, kl_v = totals.tolist()
-                monitor.log(done, {"loss": loss_v, "recon_loss": recon_v, "kl": kl_v, "lr": lr,
-                                   "grad_norm": float(grad_norm),
-                                   "samples_per_s": t.global_batch / (time.perf_counter() - tic)})
-            if (r.checkpoint.every and done % r.checkpoint.every == 0) or (done == last and r.checkpoint.at_end):
-                ckpts.save_checkpoint(run_dir, done, model, optimizer, scheduler,
-                                      {"global_batch": t.global_batch, "data": {"corrupt": tracker.state_dict()}},
-                                      info, keep=r.checkpoint.keep)
+                monitor.log(
+                    done,
+                    {
+                        "loss": loss_v,
+                        "recon_loss": recon_v,
+                        "kl": kl_v,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "samples_per_s": t.global_batch / (time.perf_counter() - tic),
+                    },
+                )
+            if (r.checkpoint.every and done % r.checkpoint.every == 0) or (
+                done == last and r.checkpoint.at_end
+            ):
+                ckpts.save_checkpoint(
+                    run_dir,
+                    done,
+                    model,
+                    optimizer,
+                    scheduler,
+                    {"global_batch": t.global_batch, "data": {"corrupt": tracker.state_dict()}},
+                    info,
+                    keep=r.checkpoint.keep,
+                )
         if last < t.steps:
             return run_dir
         # 2. the latent statistics, 3. the pixel decoder
@@ -190,9 +223,14 @@ def train_vae(recipe: Recipe, run_dir: str | Path | None = None, *, resume: bool
         model.vae_model.bn.fit(latents)
         model.seed_pixel_decoder()
         psnr = _psnr(model, next(iter(make_loader(dataset, 0, 1))).pixels.to(info.device))
-        monitor.log(t.steps, {"latent_mean": float(latents.mean()), "latent_std": float(latents.std()),
-                              "psnr": psnr}, prefix="vae")
-        logger.info("stage 0: latent statistics fitted on %d images; reconstruction PSNR %.2f dB", len(latents), psnr)
+        monitor.log(
+            t.steps,
+            {"latent_mean": float(latents.mean()), "latent_std": float(latents.std()), "psnr": psnr},
+            prefix="vae",
+        )
+        logger.info(
+            "stage 0: latent statistics fitted on %d images; reconstruction PSNR %.2f dB", len(latents), psnr
+        )
     finally:
         monitor.close()
     return save_vae(model, run_dir / "vae")
@@ -206,12 +244,14 @@ def _psnr(model: VAEPair, pixels: torch.Tensor) -> float:
 
 
 def save_vae(model: VAEPair, directory: str | Path) -> Path:
-    """``vae_model.*`` + ``vae_decoder_projector.*`` safetensors and the VAE configs (``init.vae`` reads it)."""
+    """``vae_model.*`` + ``vae_decoder_projector.*`` safetensors and the VAE configs (``init.vae`` reads
+    it)."""
     directory = Path(directory)
     ckpt.save_state_dict(model.state_dict(), directory)
     cfg = model.config.to_dict()
-    ckpt.atomic_write_json(directory / ckpt.CONFIG_NAME, {"vae_encoder_config": cfg["vae_encoder_config"],
-                                                          "vae_decoder_config": cfg["vae_decoder_config"]})
+    ckpt.atomic_write_json(
+        directory / ckpt.CONFIG_NAME,
+        {"vae_encoder_config": cfg["vae_encoder_config"], "vae_decoder_config": cfg["vae_decoder_config"]},
+    )
     logger.info("saved the stage-0 VAE to %s", directory)
     return directory
-

@@ -96,7 +96,8 @@ _TEMPLATE_NAMES, _TEMPLATES = _templates()
 
 
 def to_analysis_array(image: Image.Image | np.ndarray) -> np.ndarray:
-    """(H, W, 3) float32 in 0..255 at the analysis size. Accepts PIL images, uint8 arrays or floats in [0, 1]."""
+    """(H, W, 3) float32 in 0..255 at the analysis size. Accepts PIL images, uint8 arrays or floats in
+    [0, 1]."""
     if isinstance(image, Image.Image):
         img = image.convert("RGB")
     else:

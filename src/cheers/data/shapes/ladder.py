@@ -56,8 +56,12 @@ class RungSample:
     @property
     def record(self) -> dict[str, Any]:
         """The release-format conversation the trainer reads."""
-        return {"conversations": [{"from": "human", "value": self.prompt + GEN_SUFFIX},
-                                  {"from": "gpt", "value": IMAGE_OUT}]}
+        return {
+            "conversations": [
+                {"from": "human", "value": self.prompt + GEN_SUFFIX},
+                {"from": "gpt", "value": IMAGE_OUT},
+            ]
+        }
 
 
 def rung_sample(rung: str, seed: int, resolution: int = 128) -> RungSample:
@@ -76,8 +80,11 @@ def rung_sample(rung: str, seed: int, resolution: int = 128) -> RungSample:
         color = str(rng.choice([c for c in OBJECT_COLORS if c != bg]))
         obj = make_object(rng, FLAT, (1, 1), bg, shape=shape, color=color, size="large")
         scene = Scene((obj,), Background(bg, "flat", 4, "vertical", 0), None)
-        spec = {"include": [{"class": shape, "count": 1, "color": color}], "exact_count": 1,
-                "background": {"color": bg}}
+        spec = {
+            "include": [{"class": shape, "count": 1, "color": color}],
+            "exact_count": 1,
+            "background": {"color": bg},
+        }
         prompt = f"A plain {bg} background. {_sentence(object_phrase(shape, color, 'large'))}"
         return RungSample(prompt, render_scene(scene, resolution), spec)
     if rung == "L2":

@@ -3,7 +3,8 @@
 A spec is GenEval's metadata dict, so the same scorer logic applies::
 
     {"tag": "position", "prompt": "a circle left of a square",
-     "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}]}
+     "include": [{"class": "square", "count": 1},
+                 {"class": "circle", "count": 1, "position": ["left of", 0]}]}
 
 ``include[i]["position"] = [rel, j]`` means "objects of item i are <rel> objects of item j". Counting
 specs carry GenEval's ``exclude`` (count + 1), which makes counts exact. Dense specs extend the format
@@ -194,7 +195,10 @@ def short_caption(scene: Scene) -> str:
     parts = [object_phrase(o.shape, o.color) for o in scene.objects]
     objs = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     text = f", with the text {scene.text.text}" if scene.text is not None else ""
-    return f"{objs[0].upper()}{objs[1:]} on {article(scene.background.color)} {scene.background.color} background{text}."
+    return (
+        f"{objs[0].upper()}{objs[1:]} on {article(scene.background.color)} "
+        f"{scene.background.color} background{text}."
+    )
 
 
 def detailed_caption(scene: Scene) -> str:

@@ -88,7 +88,8 @@ def score_spec(parsed: ParsedScene, spec: dict[str, Any]) -> SpecResult:
                     if bad:
                         ok = False
                         reasons.append(
-                            f"expected {req['class']} {rel} target, found {sorted(relative_position(o.bbox, bad[0].bbox))}"
+                            f"expected {req['class']} {rel} target, "
+                            f"found {sorted(relative_position(o.bbox, bad[0].bbox))}"
                         )
                         break
         groups.append(found if ok else None)
@@ -102,7 +103,8 @@ def score_spec(parsed: ParsedScene, spec: dict[str, Any]) -> SpecResult:
         reasons.append(f"expected a {spec['background']['color']} background, found {parsed.background}")
     if "text" in spec and (parsed.text, parsed.text_color) != (spec["text"]["text"], spec["text"]["color"]):
         reasons.append(
-            f"expected text {spec['text']['text']!r} in {spec['text']['color']}, found {parsed.text!r} in {parsed.text_color}"
+            f"expected text {spec['text']['text']!r} in {spec['text']['color']}, "
+            f"found {parsed.text!r} in {parsed.text_color}"
         )
     return SpecResult(not reasons and all(g is not None for g in groups), tuple(reasons))
 

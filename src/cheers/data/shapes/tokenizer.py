@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from cheers.assets import SHAPES_TOKENIZER_DIR
 from cheers.chat_template import RELEASE_CHAT_TEMPLATE
 
 from .glyphs import CHARSET
@@ -36,10 +37,13 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<no_mean>",
 )
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
-QWEN2_PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 CHAT_TEMPLATE = RELEASE_CHAT_TEMPLATE  # the release's, verbatim
 _ROLE = {"human": "user", "gpt": "assistant"}
-ASSET_DIR = Path(__file__).parent / "assets" / "tokenizer"
+ASSET_DIR = SHAPES_TOKENIZER_DIR  # shipped with the package assets (the random-weight fallback model uses it)
 """The shipped build (default arguments), so loading needs no training; tests pin it to a fresh build."""
 DEFAULT_VOCAB_SIZE = 1024
 """Byte alphabet (256) + learned merges; the 8 special tokens come on top."""

@@ -100,7 +100,8 @@ def format_accuracy_table(rows: Sequence[JudgeAccuracy]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.resolution} | {r.perturbation} | {r.n} | {r.scene:.2%} | {r.size:.2%} | {r.background:.2%} | "
+            f"| {r.resolution} | {r.perturbation} | {r.n} | {r.scene:.2%} | {r.size:.2%} | "
+            f"{r.background:.2%} | "
             f"{r.ocr:.2%} ({r.n_text}) | {r.full:.2%} | {r.seconds_per_image * 1000:.1f} |"
         )
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cheers.checkpoint import atomic_write_json
-from cheers.training.sources import (
+from cheers.data.sources import (
     CorruptSample,
     JsonlSource,
     _stable_hash,
@@ -47,8 +47,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(records: Iterable[tuple[dict[str, Any], list[bytes | Path]]], out_dir: str | os.PathLike,
-                 samples_per_shard: int = 1000) -> Path:
+def write_shards(
+    records: Iterable[tuple[dict[str, Any], list[bytes | Path]]],
+    out_dir: str | os.PathLike,
+    samples_per_shard: int = 1000,
+) -> Path:
     """Write (record, images) pairs as tar shards plus ``index.json``.
 
     Args:
@@ -87,8 +90,12 @@ def write_shards(records: Iterable[tuple[dict[str, Any], list[bytes | Path]]], o
     return out
 
 
-def jsonl_to_shards(jsonl: str | os.PathLike, image_root: str | os.PathLike | None, out_dir: str | os.PathLike,
-                    samples_per_shard: int = 1000) -> Path:
+def jsonl_to_shards(
+    jsonl: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    samples_per_shard: int = 1000,
+) -> Path:
     """Convert the release's jsonl + image folder into shards (records that fail to parse are kept out)."""
     source = JsonlSource(jsonl, image_root)
 
@@ -109,12 +116,13 @@ class ShardSource:
 
     Args:
         path: the shard directory (with ``index.json``; without one, every ``*.tar`` is scanned once).
-        name, task: as for :class:`~cheers.training.sources.JsonlSource`.
+        name, task: as for :class:`~cheers.data.sources.JsonlSource`.
         cache_shards: member tables kept open per worker.
     """
 
-    def __init__(self, path: str | os.PathLike, name: str = "shards", task: str = "mixed",
-                 cache_shards: int = 4) -> None:
+    def __init__(
+        self, path: str | os.PathLike, name: str = "shards", task: str = "mixed", cache_shards: int = 4
+    ) -> None:
         self.path = Path(path)
         self.name, self.task = name, task
         self.cache_shards = cache_shards
@@ -125,7 +133,9 @@ class ShardSource:
         self._pid = os.getpid()
         if not len(self):
             raise ValueError(f"data source {name!r}: no records in {self.path}")
-        logger.info("source %s: %d records in %d shard(s) at %s", name, len(self), len(self.shards), self.path)
+        logger.info(
+            "source %s: %d records in %d shard(s) at %s", name, len(self), len(self.shards), self.path
+        )
 
     def _read_index(self) -> tuple[list[str], np.ndarray]:
         if not self.path.is_dir():
@@ -135,7 +145,9 @@ class ShardSource:
             meta = json.loads(index.read_text())
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{index}: format {meta.get('format')!r} is not {FORMAT!r}")
-            return [s["name"] for s in meta["shards"]], np.asarray([s["count"] for s in meta["shards"]], np.int64)
+            return [s["name"] for s in meta["shards"]], np.asarray(
+                [s["count"] for s in meta["shards"]], np.int64
+            )
         names = sorted(p.name for p in self.path.glob("*.tar"))
         counts = []
         for name in names:
@@ -177,7 +189,9 @@ class ShardSource:
         tar, members, keys = self._shard(s)
         local = index - int(self.starts[s])
         if local >= len(keys):
-            raise CorruptSample("bad_record", f"{self.shards[s]} holds {len(keys)} records, index.json says more")
+            raise CorruptSample(
+                "bad_record", f"{self.shards[s]} holds {len(keys)} records, index.json says more"
+            )
         key = keys[local]
         entry = members[key]
         try:

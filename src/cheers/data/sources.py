@@ -23,6 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from cheers.data.records import RecordError, parse_record
+
 logger = logging.getLogger(__name__)
 
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -59,8 +61,6 @@ def check_record(record: Any, where: str = "<record>") -> list[str]:
 
     Raises CorruptSample("bad_record") naming ``where`` for anything the release format does not allow.
     """
-    from cheers.data.records import RecordError, parse_record
-
     try:
         parsed = parse_record(record, None, check_images=False, where=where)
     except RecordError as err:
@@ -94,8 +94,13 @@ class JsonlSource:
         name, task: how the mixture and the logs call this source.
     """
 
-    def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-                 name: str = "jsonl", task: str = "mixed") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_root: str | os.PathLike | None = None,
+        name: str = "jsonl",
+        task: str = "mixed",
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"data source {name!r}: no jsonl file at {self.path}")

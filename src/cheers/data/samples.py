@@ -1,4 +1,5 @@
-"""One record + its images -> one training sample: ids, labels, images with their flow times and noise (reference §11).
+"""One record + its images -> one training sample: ids, labels, images with their flow times and noise
+(reference §11).
 
 Rules (the release's):
 
@@ -20,9 +21,9 @@ from typing import Any
 
 import torch
 
+from cheers.data.sources import CorruptSample
 from cheers.flow import sample_t
 from cheers.processor import CheersProcessor
-from cheers.training.sources import CorruptSample
 
 _MASK64 = (1 << 64) - 1
 
@@ -62,13 +63,19 @@ class SampleBuilder:
         cfg_dropout: probability of the unconditional ids for samples with a generation image.
         max_length: samples whose expanded length (ids + N tokens per image) exceeds this are skipped.
         tokens_per_image: N, the LLM tokens of one image.
-        time_sampling: keyword arguments of :func:`cheers.flow.sample_t` (``kind``, ``loc``, ``scale``) for the
-            generation images' flow times; default the release's U(0, 1).
+        time_sampling: keyword arguments of :func:`cheers.flow.sample_t` (``kind``, ``loc``, ``scale``) for
+            the generation images' flow times; default the release's U(0, 1).
     """
 
-    def __init__(self, processor: CheersProcessor, latent_shape: tuple[int, int, int], cfg_dropout: float = 0.2,
-                 max_length: int | None = None, tokens_per_image: int = 0,
-                 time_sampling: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        processor: CheersProcessor,
+        latent_shape: tuple[int, int, int],
+        cfg_dropout: float = 0.2,
+        max_length: int | None = None,
+        tokens_per_image: int = 0,
+        time_sampling: dict[str, Any] | None = None,
+    ) -> None:
         self.processor = processor
         self.special = processor.special
         self.latent_shape = tuple(latent_shape)
@@ -88,14 +95,18 @@ class SampleBuilder:
         und, gen_marker = self.special.image_marker, self.special.image_gen_marker
         markers = [int(i) for i in input_ids if int(i) in (und, gen_marker)]
         if len(markers) != len(images):
-            raise CorruptSample("bad_record", f"{record.get('id')!r}: {len(markers)} placeholders, "
-                                              f"{len(images)} images")
+            raise CorruptSample(
+                "bad_record", f"{record.get('id')!r}: {len(markers)} placeholders, {len(images)} images"
+            )
         n_img = max(len(markers), 1)
         if self.max_length is not None:
             expanded = len(input_ids) - len(markers) + n_img * self.tokens_per_image
             if expanded > self.max_length:
-                raise CorruptSample("too_long", f"{record.get('id')!r}: {expanded} > {self.max_length} positions")
-        # 1. CFG dropout (one draw per sample, always taken so the stream of draws does not depend on the task)
+                raise CorruptSample(
+                    "too_long", f"{record.get('id')!r}: {expanded} > {self.max_length} positions"
+                )
+        # 1. CFG dropout (one draw per sample, always taken so the stream of draws does not depend on the
+        # task)
         dropped = bool(torch.rand((), generator=gen) < self.cfg_dropout) and gen_marker in markers
         if dropped:
             input_ids = self.processor.cfg_dropout_ids(input_ids)
@@ -121,8 +132,9 @@ class SampleBuilder:
             times.append(torch.zeros(1))
             noise.append(torch.randn(self.latent_shape, generator=gen))
         task = _task(markers, und, gen_marker)
-        return TrainSample(input_ids, labels, torch.stack(pixels), torch.cat(times), torch.stack(noise), task,
-                           dropped)
+        return TrainSample(
+            input_ids, labels, torch.stack(pixels), torch.cat(times), torch.stack(noise), task, dropped
+        )
 
 
 def _task(markers: list[int], und: int, gen: int) -> str:

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cheers.data.samples import TrainSample
 from cheers.models.sequence import IGNORE_INDEX
-from cheers.training.samples import TrainSample
 
 
 @dataclass
@@ -33,36 +33,58 @@ class Batch:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        move = {k: getattr(self, k).to(device, non_blocking=non_blocking)
-                for k in ("input_ids", "attention_mask", "labels", "pixel_values", "t", "x0")}
-        return Batch(**move, tasks=self.tasks, attempted=self.attempted, corrupt=self.corrupt,
-                     reasons=dict(self.reasons))
+        move = {
+            k: getattr(self, k).to(device, non_blocking=non_blocking)
+            for k in ("input_ids", "attention_mask", "labels", "pixel_values", "t", "x0")
+        }
+        return Batch(
+            **move,
+            tasks=self.tasks,
+            attempted=self.attempted,
+            corrupt=self.corrupt,
+            reasons=dict(self.reasons),
+        )
 
     def pin_memory(self) -> Batch:
         """Page-locked copies (the DataLoader calls this with ``pin_memory=True``)."""
-        pinned = {k: getattr(self, k).pin_memory()
-                  for k in ("input_ids", "attention_mask", "labels", "pixel_values", "t", "x0")}
-        return Batch(**pinned, tasks=self.tasks, attempted=self.attempted, corrupt=self.corrupt,
-                     reasons=dict(self.reasons))
+        pinned = {
+            k: getattr(self, k).pin_memory()
+            for k in ("input_ids", "attention_mask", "labels", "pixel_values", "t", "x0")
+        }
+        return Batch(
+            **pinned,
+            tasks=self.tasks,
+            attempted=self.attempted,
+            corrupt=self.corrupt,
+            reasons=dict(self.reasons),
+        )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of :meth:`cheers.models.cheers.Cheers.forward`."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "pixel_values": self.pixel_values, "t": self.t, "labels": self.labels, "x0": self.x0}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "pixel_values": self.pixel_values,
+            "t": self.t,
+            "labels": self.labels,
+            "x0": self.x0,
+        }
 
 
 def collate(samples: list[TrainSample], pad_id: int) -> Batch:
     """Right-pad and stack ``samples`` (at least one).
 
     Args:
-        samples: built by :class:`~cheers.training.samples.SampleBuilder`; all images of one size.
+        samples: built by :class:`~cheers.data.samples.SampleBuilder`; all images of one size.
         pad_id: the tokenizer's pad id (``special.pad``).
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     sizes = {tuple(s.pixel_values.shape[-2:]) for s in samples}
     if len(sizes) != 1:
-        raise ValueError(f"all images of a batch must have one size (the model uses one grid), got {sorted(sizes)}")
+        raise ValueError(
+            f"all images of a batch must have one size (the model uses one grid), got {sorted(sizes)}"
+        )
     length = max(s.input_ids.shape[0] for s in samples)
     batch = len(samples)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)  # (B, L)

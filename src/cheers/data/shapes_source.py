@@ -1,4 +1,5 @@
-"""ShapesWorld as a training source, and the ShapesWorld processor: thin adapters over :mod:`cheers.data.shapes`.
+"""ShapesWorld as a training source, and the ShapesWorld processor: thin adapters over
+:mod:`cheers.data.shapes`.
 
 ``ShapesDataset`` items are release records with their images in memory (``"images"``); item ``i`` is a pure
 function of its seed, which is what the data pipeline needs for exact resumption.
@@ -12,7 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from cheers.training.sources import _stable_hash, permutation
+from cheers.data.shapes import (
+    SPECIAL_TOKENS,
+    Mix,
+    ShapesDataset,
+    WorldConfig,
+    build_shapes_tokenizer,
+    split_seeds,
+)
+from cheers.data.shapes.ladder import check_rung, rung_sample
+from cheers.data.shapes.tokenizer import DEFAULT_VOCAB_SIZE
+from cheers.data.sources import _stable_hash, permutation
+from cheers.processor import CheersProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +41,20 @@ class ShapesSource:
         first_seed: offset into the split (``seed`` in the recipe); sources with different tasks may share it.
         resolution: rendered image side (a multiple of 64); the processor resizes to the model's size.
         name: the source's name in the mixture.
-        options: ``split`` (train | val | test), ``mix`` (dict of Mix weights), ``world`` (WorldConfig fields),
-            ``rung`` (generation only: the text-to-image samples of a learnability-ladder rung, L0..L3, instead
-            of the world's; :mod:`cheers.data.shapes.ladder`).
+        options: ``split`` (train | val | test), ``mix`` (dict of Mix weights), ``world`` (WorldConfig
+            fields), ``rung`` (generation only: the text-to-image samples of a learnability-ladder rung,
+            L0..L3, instead of the world's; :mod:`cheers.data.shapes.ladder`).
     """
 
-    def __init__(self, task: str = "mixed", size: int = 100_000, first_seed: int = 0, resolution: int = 128,
-                 name: str = "shapes", options: dict[str, Any] | None = None) -> None:
-        from cheers.data.shapes import Mix, ShapesDataset, WorldConfig, split_seeds
-
+    def __init__(
+        self,
+        task: str = "mixed",
+        size: int = 100_000,
+        first_seed: int = 0,
+        resolution: int = 128,
+        name: str = "shapes",
+        options: dict[str, Any] | None = None,
+    ) -> None:
         if task not in (*KINDS, "mixed"):
             raise ValueError(f"unknown ShapesWorld task {task!r}; choose one of {(*KINDS, 'mixed')}")
         options = dict(options or {})
@@ -46,19 +63,26 @@ class ShapesSource:
         world = WorldConfig(**options.pop("world", {}))
         self.rung = options.pop("rung", None)
         if options:
-            raise ValueError(f"source {name!r}: unknown ShapesWorld options {sorted(options)}; "
-                             "known: split, mix, world, rung")
+            raise ValueError(
+                f"source {name!r}: unknown ShapesWorld options {sorted(options)}; "
+                "known: split, mix, world, rung"
+            )
         if self.rung is not None:
-            from cheers.data.shapes.ladder import check_rung
-
             check_rung(self.rung)
             if task != "generation":
-                raise ValueError(f"source {name!r}: a ladder rung is a text-to-image source; set task: generation")
+                raise ValueError(
+                    f"source {name!r}: a ladder rung is a text-to-image source; set task: generation"
+                )
         if first_seed + size > len(split):
             raise ValueError(f"source {name!r}: seeds {first_seed}..{first_seed + size} exceed the split")
         self.name, self.task, self.size = name, task, int(size)
-        self.dataset = ShapesDataset(split[first_seed:first_seed + size], resolution, mix, world,
-                                     kind=None if task == "mixed" else task)
+        self.dataset = ShapesDataset(
+            split[first_seed : first_seed + size],
+            resolution,
+            mix,
+            world,
+            kind=None if task == "mixed" else task,
+        )
         self.resolution = resolution
 
     def __len__(self) -> int:
@@ -69,8 +93,6 @@ class ShapesSource:
 
     def load(self, index: int) -> tuple[dict[str, Any], list[Any]]:
         if self.rung is not None:
-            from cheers.data.shapes.ladder import rung_sample
-
             seed = int(self.dataset.seeds[index])
             sample = rung_sample(self.rung, seed, self.resolution)
             record = {"id": f"ladder-{self.rung}-{seed}", "kind": "generation", **sample.record, "seed": seed}
@@ -85,10 +107,6 @@ def build_shapes_processor(image_size: int, patch_size: int, model_vocab: int):
 
     The BPE vocabulary is capped so that it and the eight special tokens fit the model's embedding table.
     """
-    from cheers.data.shapes import SPECIAL_TOKENS, build_shapes_tokenizer
-    from cheers.data.shapes.tokenizer import DEFAULT_VOCAB_SIZE
-    from cheers.processor import CheersProcessor
-
     vocab = min(DEFAULT_VOCAB_SIZE, model_vocab - len(SPECIAL_TOKENS))
     with tempfile.TemporaryDirectory(prefix="cheers-shapes-tokenizer-") as folder:
         build_shapes_tokenizer(folder, vocab_size=vocab)

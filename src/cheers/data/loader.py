@@ -1,4 +1,5 @@
-"""The training data stream: sources mixed by ratio, cut into micro-batches, every one a pure function of its index.
+"""The training data stream: sources mixed by ratio, cut into micro-batches, every one a pure function of its
+index.
 
 Positions. Sample ``p`` of the global stream belongs to optimizer step ``p // G`` (G = global batch). Process
 ``r`` of ``W``, accumulation step ``a`` of ``A``, reads positions ``s·G + (a·W + r)·M ... + M - 1`` (M = micro
@@ -27,8 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cheers.training.samples import mix_seed
-from cheers.training.sources import CorruptSample, Source
+from cheers.data.samples import mix_seed
+from cheers.data.shapes_source import ShapesSource
+from cheers.data.shards import ShardSource
+from cheers.data.sources import CorruptSample, JsonlSource, Source
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +107,10 @@ class CorruptTracker:
     def check(self, max_fraction: float, grace: int) -> None:
         if self.attempted >= grace and self.fraction > max_fraction:
             raise CorruptDataError(
-                f"{self.corrupt} of {self.attempted} samples read so far were corrupt ({self.fraction:.2%}), more "
-                f"than data.max_corrupt_fraction={max_fraction:.2%}; reasons: {self.reasons}. Fix the data or "
-                "raise the threshold.")
+                f"{self.corrupt} of {self.attempted} samples read so far were corrupt "
+                f"({self.fraction:.2%}), more than data.max_corrupt_fraction={max_fraction:.2%}; "
+                f"reasons: {self.reasons}. Fix the data or raise the threshold."
+            )
 
     def state_dict(self) -> dict:
         return {"attempted": self.attempted, "corrupt": self.corrupt, "reasons": dict(self.reasons)}
@@ -123,7 +127,7 @@ class MicroBatches(Dataset):
         sources: the mixture's sources.
         ratios: one whole-number ratio per source.
         builder: ``builder(record, images, seed) -> sample``; raises CorruptSample for unusable records
-            (normally a :class:`~cheers.training.samples.SampleBuilder`).
+            (normally a :class:`~cheers.data.samples.SampleBuilder`).
         collate_fn: samples -> batch with ``attempted``, ``corrupt`` and ``reasons`` attributes (normally
             ``functools.partial(collate, pad_id=...)``).
         layout: how the stream is cut (see :class:`Layout`).
@@ -131,8 +135,16 @@ class MicroBatches(Dataset):
         max_retries: replacement draws for one corrupt position.
     """
 
-    def __init__(self, sources: Sequence[Source], ratios: Sequence[int], builder: Callable[..., Any],
-                 collate_fn: Callable[[list[Any]], Any], layout: Layout, seed: int = 0, max_retries: int = 16) -> None:
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        ratios: Sequence[int],
+        builder: Callable[..., Any],
+        collate_fn: Callable[[list[Any]], Any],
+        layout: Layout,
+        seed: int = 0,
+        max_retries: int = 16,
+    ) -> None:
         if len(sources) != len(ratios):
             raise ValueError(f"{len(sources)} sources but {len(ratios)} ratios")
         if not sources:
@@ -176,9 +188,12 @@ class MicroBatches(Dataset):
             except CorruptSample as err:
                 stats["corrupt"] += 1
                 stats[f"reason:{err.reason}"] += 1
-                logger.warning("skipping corrupt sample %s[%d] at position %d: %s", src.name, index, position, err)
-        raise CorruptDataError(f"position {position}: {self.max_retries + 1} draws from source {src.name!r} were "
-                               "all corrupt")
+                logger.warning(
+                    "skipping corrupt sample %s[%d] at position %d: %s", src.name, index, position, err
+                )
+        raise CorruptDataError(
+            f"position {position}: {self.max_retries + 1} draws from source {src.name!r} were all corrupt"
+        )
 
     def __getitem__(self, micro_index: int) -> Any:
         stats: Counter = Counter()
@@ -193,12 +208,25 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def make_loader(dataset: MicroBatches, start: int, stop: int, num_workers: int = 0, prefetch_factor: int = 2,
-                pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: MicroBatches,
+    start: int,
+    stop: int,
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+    pin_memory: bool = False,
+) -> DataLoader:
     """Micro-batches ``start .. stop - 1`` in order (workers share the work; results keep the order)."""
     kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
-    return DataLoader(dataset, batch_size=None, sampler=range(start, stop), num_workers=num_workers,
-                      collate_fn=_identity, pin_memory=pin_memory, **kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(start, stop),
+        num_workers=num_workers,
+        collate_fn=_identity,
+        pin_memory=pin_memory,
+        **kwargs,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -211,11 +239,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_sources(specs: Sequence, resolution: int = 128) -> tuple[list[Source], list[int]]:
-    """Sources and their ratios from the recipe's ``data.sources`` (:class:`~cheers.training.config.SourceSpec`)."""
-    from cheers.training.shapes_source import ShapesSource
-    from cheers.training.shards import ShardSource
-    from cheers.training.sources import JsonlSource
-
+    """Sources and their ratios from the recipe's ``data.sources``
+    (:class:`~cheers.training.config.SourceSpec`)."""
     sources: list[Source] = []
     for i, spec in enumerate(specs):
         name = spec.name or f"source{i}"

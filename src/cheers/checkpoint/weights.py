@@ -1,50 +1,41 @@
-"""Safetensors checkpoint IO in the official release layout, for any ``nn.Module``.
+"""The tensors of a checkpoint: read them (single file or shards), save them sharded and atomically, and load
+them into any ``nn.Module`` with name-level checks, keeping tied parameters tied.
 
-A checkpoint is a directory holding ``config.json`` and either one ``model.safetensors`` or shards
-``model-00001-of-0000n.safetensors`` plus ``model.safetensors.index.json``
-(``{"metadata": {"total_size": bytes}, "weight_map": {name: shard}}``). Pickle weights are never read
-and remote code is never run. Writes are atomic: every file goes to a temp name in the target
-directory and is ``os.replace``-d into place only once everything was written.
+The files and their names are :mod:`cheers.checkpoint.layout`'s; the atomic writes are :mod:`cheers.atomic`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from cheers import atomic
+from cheers.checkpoint.layout import (
+    INDEX_NAME,
+    SHARD_RE,
+    WEIGHTS_NAME,
+    CheckpointError,
+    _cap,
+    list_weight_files,
+)
+
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-HUB_ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model"]
-HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", "*.py"]
 DEFAULT_TIED = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_LIST_CAP = 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be found, read or written."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -77,210 +68,7 @@ class LoadReport:
         return "; ".join(parts) or "all keys match"
 
 
-def _cap(items: list[str], cap: int = _LIST_CAP) -> str:
-    shown = ", ".join(items[:cap])
-    return shown + (f", ... and {len(items) - cap} more" if len(items) > cap else "")
-
-
-# --------------------------------------------------------------------------- atomic writes
-_RUST_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
-
-
-def os_error_behind(err: BaseException) -> OSError | None:
-    """The operating-system error (errno set) behind a failed write, or None.
-
-    Writers wrap it: ``torch.save`` into a file object raises a ``RuntimeError`` ("unexpected pos ...") whose
-    context is the ``OSError``; safetensors (Rust) raises ``SafetensorError("... (os error 28)")``.
-    """
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno is not None:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    match = _RUST_OS_ERROR_RE.search(str(err))
-    if match:
-        code = int(match.group(1))
-        return OSError(code, os.strerror(code))
-    return None
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # directories cannot be opened/fsynced everywhere (Windows)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_temp(final: Path, write: Callable[[Path], object]) -> Path:
-    """Run ``write(tmp)`` on a temp file next to ``final`` and fsync it; the caller renames it into place."""
-    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, ``os.replace``).
-
-    Args:
-        path: destination file; its parent directory is created if needed.
-        data: the bytes to write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temp(path, lambda p: p.write_bytes(data))
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
-    """Write ``obj`` as JSON (trailing newline) to ``path`` atomically.
-
-    Args:
-        path: destination file.
-        obj: a JSON-serialisable object.
-        indent: JSON indentation.
-        sort_keys: sort dictionary keys.
-    """
-    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n"
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-# --------------------------------------------------------------------------- locating weights
-def resolve_checkpoint_dir(
-    name_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool | None = None,
-) -> Path:
-    """Return a local checkpoint directory for a path or a hub id such as ``ai9stars/Cheers``.
-
-    Args:
-        name_or_path: an existing local directory (used as is) or a hub id ``owner/name``.
-        revision: hub branch, tag or commit.
-        cache_dir: hub cache directory (default: the huggingface_hub cache).
-        local_files_only: only use the hub cache; ``None`` means "if HF_HUB_OFFLINE is set".
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / CONFIG_NAME).is_file():
-            raise CheckpointError(f"checkpoint directory {str(path)!r} has no {CONFIG_NAME}")
-        return path
-    if path.exists():
-        raise CheckpointError(f"{str(path)!r} is a file; pass the checkpoint directory that contains it")
-    name = str(name_or_path)
-    if not _HUB_ID_RE.match(name):
-        raise CheckpointError(
-            f"checkpoint directory {name!r} does not exist (and is not a hub id owner/name)"
-        )
-    if local_files_only is None:
-        flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-        local_files_only = flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-    import huggingface_hub  # local import: keeps `import cheers` light
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    transport_errors: tuple[type[BaseException], ...] = (OSError,)
-    try:
-        import httpx
-
-        transport_errors += (httpx.HTTPError,)
-    except ImportError:  # pragma: no cover - httpx ships with huggingface_hub
-        pass
-    try:
-        snapshot = huggingface_hub.snapshot_download(
-            name,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            allow_patterns=HUB_ALLOW,
-            ignore_patterns=HUB_IGNORE,
-        )
-    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise CheckpointError(
-            f"hub checkpoint {name!r} (revision {revision or 'main'}) was not found or is gated: {err}"
-        ) from err
-    except transport_errors as err:
-        mode = "offline mode (HF_HUB_OFFLINE / local_files_only)" if local_files_only else "a network error"
-        raise CheckpointError(
-            f"could not fetch hub checkpoint {name!r}: it is not in the local cache and {mode} prevented "
-            f"downloading it; this machine seems to be offline. There is no local directory {name!r} either. "
-            f"Download it elsewhere (e.g. `hf download {name} --local-dir ./cheers-ckpt`), copy it here and "
-            f"pass the local directory path instead. ({type(err).__name__}: {err})"
-        ) from err
-    snapshot = Path(snapshot)
-    if not (snapshot / CONFIG_NAME).is_file():
-        raise CheckpointError(f"hub checkpoint {name!r} (at {str(snapshot)!r}) has no {CONFIG_NAME}")
-    return snapshot
-
-
-def _read_index(index_path: Path) -> dict[str, str]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"cannot read shard index {str(index_path)!r}: {err}") from err
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"shard index {str(index_path)!r} has an empty or invalid weight_map")
-    for shard in set(weight_map.values()):
-        if not isinstance(shard, str) or Path(shard).name != shard or shard in {".", ".."}:
-            raise CheckpointError(f"shard index {str(index_path)!r} names an invalid shard file {shard!r}")
-    return weight_map
-
-
-def list_weight_files(directory: str | os.PathLike) -> list[Path]:
-    """List the safetensors weight files of a checkpoint, in shard order.
-
-    Args:
-        directory: checkpoint directory (or a single ``.safetensors`` file, returned as is).
-    """
-    directory = Path(directory)
-    if directory.is_file() and directory.suffix == ".safetensors":
-        return [directory]
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
-    single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
-    if index.is_file():
-        if single.is_file():
-            logger.warning("%s has both %s and %s; using the index", directory, WEIGHTS_NAME, INDEX_NAME)
-        shards = sorted(set(_read_index(index).values()))
-        missing = [s for s in shards if not (directory / s).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"shard index {str(index)!r} names {len(missing)} missing shard file(s): {_cap(missing)}"
-            )
-        return [directory / s for s in shards]
-    if single.is_file():
-        return [single]
-    others = sorted(p.name for p in directory.glob("*.safetensors"))
-    if others:
-        raise CheckpointError(
-            f"{str(directory)!r} has safetensors files {_cap(others)} but neither {WEIGHTS_NAME} nor {INDEX_NAME}"
-        )
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointError(
-            f"{str(directory)!r} only has pickle weights ({_cap(pickles)}); we load safetensors only and never "
-            f"unpickle (it can run arbitrary code). Convert them to {WEIGHTS_NAME} first."
-        )
-    raise CheckpointError(f"no weights in {str(directory)!r}: expected {WEIGHTS_NAME} or {INDEX_NAME}")
-
-
+# --------------------------------------------------------------------------- loading
 def load_state_dict(
     directory: str | os.PathLike,
     *,
@@ -408,37 +196,30 @@ def save_state_dict(
     n = len(shards)
     names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
-    temps: list[tuple[Path, Path]] = []
     try:
-        for shard, name in zip(shards, names):
-            write = partial(safetensors.torch.save_file, shard, metadata=meta)  # write(path)
-            temps.append((_write_temp(directory / name, write), directory / name))
-        if n > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": {k: names[i] for i, shard in enumerate(shards) for k in shard},
-            }
-            text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-            temps.append(
-                (_write_temp(directory / INDEX_NAME, lambda p: p.write_text(text)), directory / INDEX_NAME)
-            )
-    except BaseException as err:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
-        cause = os_error_behind(err) if isinstance(err, Exception) else None
+        with atomic.FileSet() as files:  # nothing replaces the old files until every new one was written
+            for shard, name in zip(shards, names):
+                files.add(directory / name, partial(safetensors.torch.save_file, shard, metadata=meta))
+            if n > 1:  # the index goes last, once every shard it names is in place
+                total = sum(t.numel() * t.element_size() for t in tensors.values())
+                index = {
+                    "metadata": {"total_size": total},
+                    "weight_map": {k: names[i] for i, shard in enumerate(shards) for k in shard},
+                }
+                text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+                files.add(directory / INDEX_NAME, lambda p: p.write_text(text))
+    except Exception as err:
+        cause = atomic.os_error_behind(err)
         if cause is not None and not isinstance(err, OSError):  # e.g. SafetensorError on a full disk
             raise OSError(cause.errno, f"{cause.strerror} while saving weights", str(directory)) from err
         raise
-    for tmp, final in temps:  # the index goes last, once every shard it names is in place
-        os.replace(tmp, final)
     keep = set(names) | ({INDEX_NAME} if n > 1 else set())
     for stale in directory.iterdir():
         ours = stale.name in {WEIGHTS_NAME, INDEX_NAME} or SHARD_RE.match(stale.name)
         if ours and stale.name not in keep:
             stale.unlink()
             logger.info("removed stale weight file %s", stale)
-    _fsync_dir(directory)
+    atomic.fsync_dir(directory)
     logger.info("saved %d tensors in %d file(s) to %s", len(tensors), n, directory)
     return [directory / name for name in names]
 
