@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 import torch
@@ -268,6 +268,10 @@ def check_resolution(resolution: int, patch_size: int) -> None:
 MAX_IMAGE_PIXELS = 64_000_000  # larger files are refused rather than decoded (decompression bombs)
 
 
+class ImageTooLarge(ValueError):
+    """An image with more pixels than allowed (refused before it is decoded)."""
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file fully (so a truncated file fails here, not later), as RGB.
 
@@ -278,18 +282,28 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
+    return open_image(path, str(path))
+
+
+def open_image(source: str | Path | BinaryIO, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image file or stream fully, as RGB; ``name`` is what error messages call it.
+
+    Raises:
+        ImageTooLarge: more than ``max_pixels`` pixels (checked from the header, before decoding).
+        ValueError: not an image, corrupt or truncated, or zero-size.
+    """
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             width, height = img.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ValueError(
-                    f"{path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed"
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"{name} is {width}x{height} pixels, more than the {max_pixels:,} allowed"
                 )
             if width == 0 or height == 0:
-                raise ValueError(f"{path} has zero size ({width}x{height})")
+                raise ValueError(f"{name} has zero size ({width}x{height})")
             img.load()
             return img.convert("RGB") if img.mode != "RGB" else img.copy()
     except ValueError:
         raise
     except (OSError, Image.DecompressionBombError, SyntaxError) as err:
-        raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{name} is not a readable image ({type(err).__name__}: {err})") from None

@@ -13,6 +13,7 @@ import re
 
 from PIL import Image
 
+from cheers.image_ops import ImageTooLarge, open_image
 from cheers.serve.errors import APIError
 
 _DATA_URL = re.compile(
@@ -55,25 +56,11 @@ def image_from_bytes(raw: bytes, max_pixels: int, param: str) -> Image.Image:
     if not raw:
         raise APIError(400, "the image is empty", param=param, code="bad_image")
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise APIError(
-                    400,
-                    f"the image is {width}x{height} pixels, more than the {max_pixels:,} allowed",
-                    param=param,
-                    code="image_too_large",
-                )
-            if width == 0 or height == 0:
-                raise APIError(400, "the image has zero size", param=param, code="bad_image")
-            img.load()
-            return img.convert("RGB")
-    except APIError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise APIError(
-            400, f"the image is not readable ({type(err).__name__})", param=param, code="bad_image"
-        ) from None
+        return open_image(io.BytesIO(raw), "the image", max_pixels)
+    except ImageTooLarge as err:
+        raise APIError(400, str(err), param=param, code="image_too_large") from None
+    except ValueError as err:
+        raise APIError(400, str(err), param=param, code="bad_image") from None
 
 
 def png_base64(image: Image.Image) -> str:
