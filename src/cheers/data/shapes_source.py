@@ -21,6 +21,7 @@ from cheers.data.shapes import (
     build_shapes_tokenizer,
     split_seeds,
 )
+from cheers.data.shapes.concept import Concept, concept_sample
 from cheers.data.shapes.ladder import check_rung, rung_sample
 from cheers.data.shapes.tokenizer import DEFAULT_VOCAB_SIZE
 from cheers.data.sources import _stable_hash, permutation
@@ -43,7 +44,10 @@ class ShapesSource:
         name: the source's name in the mixture.
         options: ``split`` (train | val | test), ``mix`` (dict of Mix weights), ``world`` (WorldConfig
             fields), ``rung`` (generation only: the text-to-image samples of a learnability-ladder rung,
-            L0..L3, instead of the world's; :mod:`cheers.data.shapes.ladder`).
+            L0..L3, instead of the world's; :mod:`cheers.data.shapes.ladder`), ``concept`` (generation or
+            understanding: samples that teach a new word for one fixed scene; :class:`Concept` fields, e.g.
+            ``{word: wug, shape: star, color: purple, background: black}``; see
+            :mod:`cheers.data.shapes.concept`).
     """
 
     def __init__(
@@ -62,11 +66,24 @@ class ShapesSource:
         mix = Mix(**options.pop("mix", {}))
         world = WorldConfig(**options.pop("world", {}))
         self.rung = options.pop("rung", None)
+        concept = options.pop("concept", None)
         if options:
             raise ValueError(
                 f"source {name!r}: unknown ShapesWorld options {sorted(options)}; "
-                "known: split, mix, world, rung"
+                "known: split, mix, world, rung, concept"
             )
+        self.concept = None
+        if concept is not None:
+            if not isinstance(concept, dict):
+                raise ValueError(f"source {name!r}: concept must be a mapping of Concept fields: {concept!r}")
+            if task not in ("generation", "understanding") or self.rung is not None:
+                raise ValueError(
+                    f"source {name!r}: a concept source is task generation or understanding, without a rung"
+                )
+            try:
+                self.concept = Concept(**concept)
+            except TypeError as err:
+                raise ValueError(f"source {name!r}: concept: {err}") from None
         if self.rung is not None:
             check_rung(self.rung)
             if task != "generation":
@@ -92,6 +109,10 @@ class ShapesSource:
         return permutation(self.size, seed, epoch, _stable_hash(self.name))
 
     def load(self, index: int) -> tuple[dict[str, Any], list[Any]]:
+        if self.concept is not None:
+            sample = concept_sample(self.concept, self.task, int(self.dataset.seeds[index]), self.resolution)
+            images = sample.pop("images")
+            return sample, images
         if self.rung is not None:
             seed = int(self.dataset.seeds[index])
             sample = rung_sample(self.rung, seed, self.resolution)

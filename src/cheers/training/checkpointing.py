@@ -5,10 +5,12 @@ Layout of ``<run>/checkpoints``::
     latest                    {"step": 6, "dir": "step-00000006"}   (written atomically, last)
     step-00000006/
         trainer_state.json    step, data position and corrupt counts, scheduler, format, strategy, world size
-        model.safetensors     one process / DDP: every tensor, release names (sharded above max_shard_size)
+        model.safetensors     one process / DDP: every tensor, release names (sharded above max_shard_size);
+                              a LoRA run: the adapter tensors only (the frozen base comes from the recipe)
         optimizer.pt          one process / DDP: the optimizer state (tensors and numbers; loaded
                               weights_only)
-        dcp/                  FSDP2: model + optimizer, sharded (torch.distributed.checkpoint)
+        dcp/                  FSDP2: model (a LoRA run: trainable tensors only) + optimizer, sharded
+                              (torch.distributed.checkpoint)
         rng/rank-00000.pt     python, numpy, torch (and CUDA) generator states of every process
 
 A checkpoint is assembled in ``.tmp-step-...`` and renamed into place only when complete; the previous one
@@ -115,8 +117,13 @@ def save_checkpoint(
     info: DistInfo,
     keep: int = 2,
     max_shard_size: str = "5GB",
+    trainable_only: bool = False,
 ) -> Path:
-    """Write the checkpoint of ``step`` (collective under FSDP: every process calls it). Returns its path."""
+    """Write the checkpoint of ``step`` (collective under FSDP: every process calls it). Returns its path.
+
+    ``trainable_only`` (LoRA runs) stores only the tensors that require grad: the frozen rest is rebuilt from
+    the recipe on resume.
+    """
     root = checkpoints_dir(run_dir)
     final = root / step_name(step)
     tmp = atomic.staging_dir(final)
@@ -128,12 +135,15 @@ def save_checkpoint(
     try:
         if info.strategy == "fsdp":
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-            model_sd, optim_sd = get_state_dict(module, optimizer)
+            options = StateDictOptions(ignore_frozen_params=trainable_only)
+            model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
         elif info.is_main:
-            ckpt.save_state_dict(unwrap(module).state_dict(), tmp, max_shard_size=max_shard_size)
+            model = unwrap(module)
+            tensors = trainable_state(model) if trainable_only else model.state_dict()
+            ckpt.save_state_dict(tensors, tmp, max_shard_size=max_shard_size)
             _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
         _torch_save(capture_rng(), tmp / "rng" / f"rank-{info.rank:05d}.pt")
         barrier(info)
@@ -144,6 +154,7 @@ def save_checkpoint(
                 "strategy": info.strategy,
                 "world_size": info.world_size,
                 "scheduler": scheduler.state_dict(),
+                "model_tensors": "trainable" if trainable_only else "all",
                 **trainer_state,
             }
             atomic.write_json(tmp / STATE, state)
@@ -210,6 +221,44 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return ckpt.load_state_dict(path)
 
 
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that require grad (a LoRA run's adapters), by name."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_model_tensors(path: str | os.PathLike, trainable_only: bool) -> None:
+    """Raise unless the checkpoint holds what this run expects (every tensor, or the trainable ones)."""
+    stored = read_trainer_state(path).get("model_tensors", "all")
+    wanted = "trainable" if trainable_only else "all"
+    if stored != wanted:
+        raise ckpt.CheckpointError(
+            f"{path} holds {stored!r} model tensors but this run expects {wanted!r}: a LoRA run resumes only "
+            "from a LoRA run's checkpoints, a full run only from a full run's (was the lora section added or "
+            "removed?)"
+        )
+
+
+def load_trainable_weights(path: str | os.PathLike, model: nn.Module) -> None:
+    """The trainable tensors of a one-process / DDP LoRA checkpoint into ``model``, strictly (names and
+    shapes must be exactly the model's trainable ones)."""
+    state = load_state(path)
+    expected = trainable_state(model)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in sorted(state.keys() & expected.keys())
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ckpt.CheckpointError(
+            f"{path} does not match this run's trainable tensors: missing {ckpt._cap(missing)}; unexpected "
+            f"{ckpt._cap(unexpected)}; shape mismatches {ckpt._cap(shapes)} (did the lora section change?)"
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            expected[name].copy_(value)
+
+
 def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
     """Weights of a one-process / DDP checkpoint into an unwrapped model, strictly (before wrapping)."""
     ckpt.load_into(model, load_state(path), strict=True)
@@ -221,11 +270,12 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     info: DistInfo,
+    trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Restore optimizer, scheduler and generators (and, under FSDP2, the model) of a checkpoint.
 
-    One process / DDP: call :func:`load_model_weights` on the unwrapped model first. Returns the trainer
-    state.
+    One process / DDP: call :func:`load_model_weights` (:func:`load_trainable_weights` for a LoRA run) on the
+    unwrapped model first. Returns the trainer state.
     """
     path = Path(path)
     state = read_trainer_state(path)
@@ -236,12 +286,20 @@ def load_checkpoint(
         )
     if info.strategy == "fsdp":
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(module, optimizer)
+        # a LoRA run's frozen base is not in the checkpoint: it is the recipe's, already in the model
+        options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+        model_sd, optim_sd = get_state_dict(module, optimizer, options=options)
         loaded = {"model": model_sd, "optim": optim_sd}
         dcp.load(loaded, checkpoint_id=str(path / "dcp"))
-        set_state_dict(module, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        set_state_dict(
+            module,
+            optimizer,
+            model_state_dict=loaded["model"],
+            optim_state_dict=loaded["optim"],
+            options=options,
+        )
     else:
         optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location=info.device, weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
@@ -284,4 +342,35 @@ def export_release(
     barrier(info)
     if info.is_main:
         logger.info("exported the model to %s", directory)
+    return directory if info.is_main else None
+
+
+def export_adapter(
+    module: nn.Module,
+    info: DistInfo,
+    directory: str | os.PathLike,
+    base_model: str | None = None,
+    dtype: str | None = None,
+    adapter_name: str = "default",
+) -> Path | None:
+    """Write a LoRA run's adapter in peft's layout (collective under FSDP2; rank 0 writes)."""
+    from cheers import lora
+
+    directory = Path(directory)
+    model = unwrap(module)
+    state = None
+    if info.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        state = get_model_state_dict(module, options=options)
+    if info.is_main:
+        tensors = lora.adapter_state_dict(model, adapter_name, state)
+        config = lora.peft_config_dict(model.peft_config[adapter_name])
+        config["base_model_name_or_path"] = base_model
+        config["inference_mode"] = True
+        lora.write_adapter(directory, tensors, config, resolve_dtype(dtype) if dtype else None)
+    barrier(info)
+    if info.is_main:
+        logger.info("exported the LoRA adapter to %s", directory)
     return directory if info.is_main else None

@@ -79,7 +79,8 @@ def run_train(args: argparse.Namespace) -> int:
         recipe, recipe.out, resume=args.resume, stop_after=args.stop_after, hooks=recipe_hooks(recipe)
     )
     if result.export_dir is not None:
-        print(f"trained {result.step} steps; release-layout model in {result.export_dir}")
+        what = "LoRA adapter (peft layout)" if recipe.lora is not None else "release-layout model"
+        print(f"trained {result.step} steps; {what} in {result.export_dir}")
     else:
         print(f"trained to step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
     return 0

@@ -11,6 +11,7 @@ A recipe is one YAML file with the sections below (every key optional; unknown k
     engine:  {strategy, precision, gradient_checkpointing, device}
     checkpoint: {every, keep, export, export_dtype}
     log:     {every, progress, tensorboard, sample_every, score_every}
+    lora:    {r, alpha, dropout, targets, init}   # optional: train LoRA adapters only (train.trainable empty)
     vae:     {...}           # stage 0 only
 
 Recipes are found by name in the package (``cheers/training/recipes/NAME.yaml``) or by path. Overrides use
@@ -31,6 +32,7 @@ import yaml
 
 from cheers.dataclass_loader import StrictLoader
 from cheers.flow import sample_t
+from cheers.lora import DEFAULT_TARGETS, LoraSpec
 
 
 class RecipeError(ValueError):
@@ -167,6 +169,26 @@ class VAESection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA fine-tuning (:mod:`cheers.lora`): only the adapters train, every weight of the model stays frozen.
+
+    ``train.trainable`` must then be empty. Checkpoints hold the adapter tensors only (a resumed run rebuilds
+    the frozen base from the recipe's ``init`` / ``model`` sections); the export is the adapter in peft's
+    layout at ``<out>/adapter`` instead of a whole model at ``<out>/export``.
+    """
+
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | str = field(default_factory=lambda: DEFAULT_TARGETS)  # regex or module names
+    init: str | None = None  # an adapter directory (peft layout, same targets and rank) to continue from
+
+    def spec(self) -> LoraSpec:
+        """The :class:`cheers.lora.LoraSpec` of this section (raises ValueError on a bad value)."""
+        return LoraSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+
+
+@dataclass
 class Recipe:
     stage: str = "custom"
     out: str = "runs/cheers"
@@ -178,6 +200,7 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     vae: VAESection = field(default_factory=VAESection)
+    lora: LoraSection | None = None  # set: train LoRA adapters only (see LoraSection)
 
     STAGES = ("0", "I", "II", "III", "IV", "custom")
 
@@ -244,10 +267,25 @@ class Recipe:
             raise RecipeError(f"vae.loss: {self.vae.loss!r} is not l1, l2 or l1+l2")
         if not self.init.und_projector_scale > 0:
             raise RecipeError(f"init.und_projector_scale must be > 0, got {self.init.und_projector_scale}")
+        if self.lora is not None:
+            self._validate_lora()
         if self.init.from_release and (self.init.llm or self.init.vision or self.init.vae):
             raise RecipeError(
                 "init.from_release brings every part; do not combine it with init.llm/vision/vae"
             )
+
+    def _validate_lora(self) -> None:
+        if self.stage == "0":
+            raise RecipeError("lora: stage 0 trains the VAE from scratch; LoRA needs a stage I-IV or custom")
+        if self.train.trainable:
+            raise RecipeError(
+                "train.trainable must be empty with a lora section (LoRA trains only the adapters and "
+                f"freezes the rest), got {self.train.trainable}"
+            )
+        try:
+            self.lora.spec()
+        except ValueError as err:
+            raise RecipeError(f"lora: {err}") from None
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:

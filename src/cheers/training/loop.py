@@ -3,7 +3,8 @@
 ``Trainer(recipe).run()`` reads as numbered steps: engine -> processor and model -> trainable groups ->
 wrap -> optimizer and schedule -> resume -> data -> loop (accumulate, clip, step, log, hooks, checkpoint)
 -> export. Precision is chosen once, at the top of the loop (bf16 autocast on CUDA by default); the model's
-forward never casts.
+forward never casts. With a ``lora:`` section the trainable part is a LoRA adapter over the frozen model
+(:mod:`cheers.lora`): checkpoints hold the adapter, the export is the adapter in peft's layout.
 """
 
 from __future__ import annotations
@@ -115,11 +116,15 @@ class Trainer:
             processor.save_pretrained(tmp)
             tmp.rename(saved)
         self.processor = processor
+        lora = r.lora is not None  # a LoRA checkpoint holds the adapters only: the base is the recipe's
+        if resume_from is not None:
+            ckpts.check_model_tensors(resume_from, trainable_only=lora)
+        full_resume = resume_from is not None and info.strategy != "fsdp" and not lora
         if self.model is not None:
             model = self.model
-            if resume_from is not None and info.strategy != "fsdp":
+            if full_resume:
                 ckpts.load_model_weights(resume_from, model)
-        elif resume_from is not None and info.strategy != "fsdp":  # every tensor comes from the checkpoint
+        elif full_resume:  # every tensor comes from the checkpoint
             model = ckpts.model_from_state(config, processor.special, ckpts.load_state(resume_from))
         else:
             model = build_model(r, processor.special, config)
@@ -127,7 +132,10 @@ class Trainer:
             model.special = processor.special
         install_fast_vae(model)  # the frozen VAE decoders' faster forms (same numbers up to rounding)
         model.train()
-        counts = model.set_trainable(r.train.trainable)
+        if lora:
+            counts = self._add_lora(model, resume_from if info.strategy != "fsdp" else None)
+        else:
+            counts = model.set_trainable(r.train.trainable)
         frozen = d.freeze_unused(model)
         for group, count in counts.items():
             logger.info("trainable %-15s %12d parameters", group, count)
@@ -140,6 +148,26 @@ class Trainer:
         if r.engine.gradient_checkpointing:
             d.enable_gradient_checkpointing(model)
         return model
+
+    def _add_lora(self, model: Cheers, resume_from: Path | None) -> dict[str, int]:
+        """Freeze the model, inject the recipe's adapter (trainable), start it from ``lora.init`` or the
+        checkpoint being resumed; returns the trainable parameter count per group."""
+        from cheers import lora
+
+        section = self.recipe.lora
+        model.set_trainable([])
+        lora.add_adapter(model, section.spec(), lora.DEFAULT_ADAPTER, trainable=True, upcast=True)
+        if resume_from is not None:
+            ckpts.load_trainable_weights(resume_from, model)
+        elif section.init:
+            lora.load_adapter_weights(model, section.init, lora.DEFAULT_ADAPTER)
+            logger.info("LoRA adapter starts from %s", section.init)
+        counts = {group: 0 for group in Cheers.PARAMETER_GROUPS}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                group = Cheers.group_of(name)
+                counts[group] = counts.get(group, 0) + p.numel()
+        return counts
 
     def _data(self, info: d.DistInfo, model: Cheers, start_step: int) -> tuple[Any, int]:
         r, t = self.recipe, self.recipe.train
@@ -182,7 +210,12 @@ class Trainer:
             r.data.prefetch_factor,
             pin_memory=info.device.type == "cuda",
         )
-        return iter(loader), accumulation
+        # iter() draws the loader's base seed from the global generator: put that stream back where it was (a
+        # resumed run has just restored it from the checkpoint, and a LoRA's dropout reads it)
+        state = torch.get_rng_state()
+        batches = iter(loader)
+        torch.set_rng_state(state)
+        return batches, accumulation
 
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -213,7 +246,9 @@ class Trainer:
         start = 0
         # 6. resume
         if resume_from is not None:
-            state = ckpts.load_checkpoint(resume_from, module, optimizer, scheduler, info)
+            state = ckpts.load_checkpoint(
+                resume_from, module, optimizer, scheduler, info, trainable_only=r.lora is not None
+            )
             if state["global_batch"] != t.global_batch:
                 raise RecipeError(
                     f"{resume_from} was trained with global batch {state['global_batch']}; this recipe "
@@ -307,6 +342,7 @@ class Trainer:
                         info,
                         keep=r.checkpoint.keep,
                         max_shard_size=r.checkpoint.max_shard_size,
+                        trainable_only=r.lora is not None,
                     )
                 result.step = done
         finally:
@@ -314,8 +350,13 @@ class Trainer:
         if budget is not None and info.is_main:
             logger.info("time budget of %.1f min: trained to step %d", t.minutes, result.step)
             (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))  # with the fitted train.steps
-        # 9. export
-        if r.checkpoint.export and result.step == t.steps:
+        # 9. export (a LoRA run: its adapter only, in peft's layout; the base is the recipe's starting point)
+        if r.checkpoint.export and result.step == t.steps and r.lora is not None:
+            adapter = self.run_dir / "adapter"
+            base = r.init.from_release or r.model.preset
+            ckpts.export_adapter(module, info, adapter, base, r.checkpoint.export_dtype)
+            result.export_dir = adapter if info.is_main else None
+        elif r.checkpoint.export and result.step == t.steps:
             export = self.run_dir / "export"
             ckpts.export_release(module, info, export, r.checkpoint.export_dtype, r.checkpoint.max_shard_size)
             if info.is_main:
