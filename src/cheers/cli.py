@@ -18,15 +18,58 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu | cuda | mps | auto")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    _quantization_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _lora_arg(p)
+
+
+def _lora_arg(p: argparse.ArgumentParser) -> None:
+    from cheers.lora import parse_lora_arg
+
+    p.add_argument(
+        "--lora",
+        action="append",
+        type=parse_lora_arg,
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="load a LoRA adapter (peft layout, e.g. <run>/adapter) at SCALE (default 1); repeat to combine "
+        "several (needs peft: pip install 'cheers[lora]')",
+    )
+
+
+def load_loras(pipe, loras: list[tuple[str, float]]):
+    """Load ``--lora`` adapters into a pipeline; a missing peft becomes a one-line error."""
+    for path, scale in loras:
+        try:
+            pipe.load_lora_weights(path, scale=scale)
+        except ImportError as err:
+            raise ValueError(str(err)) from None
+    return pipe
+
+
+def _quantization_arg(p: argparse.ArgumentParser) -> None:
+    from cheers.quantization import QUANTIZATIONS
+
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="store the LLM's and flow heads' weights in fewer bits (torchao; default: float): int8 on any "
+        "device, float8 on CUDA >= 8.9, int4 on CUDA >= 8.0 with bfloat16",
+    )
 
 
 def _pipeline(args: argparse.Namespace):
     from cheers.pipeline import CheersPipeline
 
-    return CheersPipeline.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, progress=not args.quiet
+    pipe = CheersPipeline.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        quantization=args.quantization,
     )
+    return load_loras(pipe, args.lora)
 
 
 def save_image(image, path: Path, metadata: dict[str, Any]) -> None:
@@ -165,11 +208,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from cheers.quantization import weight_nbytes
+
     pipe = _pipeline(args)
     model = pipe.model
     groups = {g: sum(p.numel() for _, p in ps) for g, ps in model.parameter_groups().items()}
     dtype = next(model.parameters()).dtype
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    nbytes = weight_nbytes(model)  # tied weights once; quantised ones by their stored bytes
     cfg = model.config
     print(f"model: {args.model}")
     print(

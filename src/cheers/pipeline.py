@@ -122,9 +122,13 @@ class CheersPipeline:
         self.defaults = defaults or SamplingDefaults()
         self.progress = progress
         self.fast_vae: FastVAE | None = None  # see enable_fast_vae(); from_pretrained turns it on
+        self.offload = None  # see enable_model_cpu_offload(), enable_sequential_cpu_offload()
 
     @property
     def device(self) -> torch.device:
+        """Where the model runs (with CPU offload: the execution device, not where the weights rest)."""
+        if self.offload is not None:
+            return self.offload.device
         return next(self.model.parameters()).device
 
     @classmethod
@@ -135,13 +139,19 @@ class CheersPipeline:
         device: str | torch.device = "auto",
         dtype: str | torch.dtype | None = None,
         progress: bool = True,
+        quantization: str | None = None,
     ) -> CheersPipeline:
         """Load a release-layout directory, a hub id (``ai9stars/Cheers``) or ``"default"`` (the bundled
         model).
 
         ``dtype`` defaults to the checkpoint's (bf16 for the release) on GPUs and to float32 on the CPU. The
-        VAE decoders' faster forms are on (:meth:`enable_fast_vae`).
+        VAE decoders' faster forms are on (:meth:`enable_fast_vae`). ``quantization`` ("int8", "float8",
+        "int4"; None: float) stores the LLM's and the flow heads' linear weights in fewer bits
+        (:func:`cheers.quantization.quantize_model`; needs torchao).
         """
+        from cheers.quantization import check_quantization, quantize_model
+
+        check_quantization(quantization)
         dev = resolve_device(device)
         if str(name_or_path) == DEFAULT_MODEL:
             from cheers.assets import default_model_dir
@@ -155,6 +165,8 @@ class CheersPipeline:
             # CPUs without bf16 instructions emulate it; GPUs keep the checkpoint's dtype
             dtype = "float32"
         model = from_pretrained(directory, dtype=resolve_dtype(dtype) if dtype else None, device=dev)
+        if quantization is not None:
+            quantize_model(model, quantization)
         processor = CheersProcessor.from_pretrained(directory)
         defaults = SamplingDefaults()
         if (directory / SAMPLING_DEFAULTS_FILE).exists():
@@ -496,15 +508,107 @@ class CheersPipeline:
             self.fast_vae = None
         return self
 
+    # -- LoRA adapters --------------------------------------------------------------------------------------
+    def load_lora_weights(
+        self, path: str | Path, adapter_name: str | None = None, scale: float = 1.0
+    ) -> CheersPipeline:
+        """Load a LoRA adapter saved in peft's layout (``adapter_config.json`` and
+        ``adapter_model.safetensors``, e.g. ``<run>/adapter`` of a ``lora:`` recipe) and add it to the active
+        adapters at ``scale``.
+
+        ``adapter_name`` defaults to the directory's name. Targets and shapes are checked against this model
+        (a ValueError names what does not fit). Needs peft (``pip install 'cheers[lora]'``).
+        """
+        from cheers import lora
+
+        lora.load_adapter(self.model, path, adapter_name, weight=scale)
+        return self
+
+    def set_adapters(
+        self, names: str | list[str], weights: float | list[float] | None = None
+    ) -> CheersPipeline:
+        """Make exactly ``names`` the active adapters, each at its weight (default 1); ``[]``: none."""
+        from cheers import lora
+
+        lora.set_adapters(self.model, names, weights)
+        return self
+
+    def get_active_adapters(self) -> list[str]:
+        """The names of the active LoRA adapters, in order."""
+        from cheers import lora
+
+        return lora.get_active_adapters(self.model)
+
+    def unload_lora_weights(self) -> CheersPipeline:
+        """Remove every adapter (a fused one stays in the weights, as in diffusers)."""
+        from cheers import lora
+
+        lora.unload(self.model)
+        return self
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> CheersPipeline:
+        """Add the active adapters (times ``lora_scale``) into the base weights: no per-call cost after."""
+        from cheers import lora
+
+        lora.fuse(self.model, lora_scale)
+        return self
+
+    def unfuse_lora(self) -> CheersPipeline:
+        """Subtract the fused adapters from the base weights again."""
+        from cheers import lora
+
+        lora.unfuse(self.model)
+        return self
+
+    # -- memory ---------------------------------------------------------------------------------------------
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> CheersPipeline:
+        """Keep the weights in CPU memory and move each component (the VAE, the ViT, the LLM with its head,
+        each flow head, ...) to ``device`` only while it runs, the one before it back (:mod:`cheers.offload`).
+
+        For accelerators smaller than the model: peak memory is the largest component (the LLM) plus
+        activations. ``device`` defaults to the accelerator (CUDA, else MPS); :attr:`device` reports it.
+        Load on the CPU first (``from_pretrained(..., device="cpu", dtype="bfloat16")``) so that the whole
+        model never has to fit; ``quantization`` combines with it. Not with ``optimize(compile_step=True)``.
+        """
+        from cheers.offload import ModelOffload, offload_device_of
+
+        execution = offload_device_of(device)
+        self.disable_cpu_offload()
+        self.offload = ModelOffload(self.model, execution)
+        return self
+
+    def enable_sequential_cpu_offload(self, device: str | torch.device | None = None) -> CheersPipeline:
+        """Like :meth:`enable_model_cpu_offload`, one module at a time: every layer's weights are moved to
+        ``device`` for its own call and back after it. Smallest memory (the largest layer), slowest; not with
+        ``cuda_graph=True`` (a captured step cannot move weights)."""
+        from cheers.offload import SequentialOffload, offload_device_of
+
+        execution = offload_device_of(device)
+        self.disable_cpu_offload()
+        self.offload = SequentialOffload(self.model, execution)
+        return self
+
+    def disable_cpu_offload(self, device: str | torch.device | None = None) -> CheersPipeline:
+        """Remove the offload hooks; the weights stay in CPU memory, or move to ``device`` when given."""
+        if self.offload is not None:
+            self.offload.remove()
+            self.offload = None
+        if device is not None:
+            self.model.to(resolve_device(device))
+        return self
+
     # -- helpers --------------------------------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(self.model, ...)`` (:func:`cheers.generation.generate`, beam search); the VAE decoders'
-        buffers are freed after the call, as its activations would be."""
+        buffers are freed after the call, as its activations would be, and an offloaded component goes back
+        to the CPU."""
         try:
             return fn(self.model, *args, **kwargs)
         finally:
             if self.fast_vae is not None:
                 self.fast_vae.clear()
+            if self.offload is not None:
+                self.offload.release()
 
     @property
     def _patch(self) -> int:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
+    from cheers.quantization import QUANTIZATIONS
+
     p.add_argument(
         "--model", default="default", help="checkpoint directory or hub id (default: the bundled model)"
     )
@@ -22,6 +24,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="cpu | cuda | mps | auto (under torchrun: cuda:LOCAL_RANK)"
     )
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="evaluate with the LLM's and flow heads' weights in fewer bits (torchao; default: float)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -88,7 +96,13 @@ def _pipeline(args: argparse.Namespace):
     from .runner import rank_device
 
     device = rank_device(args.device)
-    return CheersPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, progress=False)
+    return CheersPipeline.from_pretrained(
+        args.model,
+        device=device,
+        dtype=args.dtype,
+        progress=False,
+        quantization=getattr(args, "quantization", None),
+    )
 
 
 def _print_summary(name: str, summary, unit: str) -> None:
@@ -263,6 +277,29 @@ def cmd_ladder(args: argparse.Namespace) -> int:
                 f"(other prompt {r['other_prompt_score']:.2f})  {r['train_minutes']:.1f} min"
             )
     print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_lora_shapes(args: argparse.Namespace) -> int:
+    from cheers.data.shapes.concept import Concept
+
+    from .lora_shapes import ConceptEval, compare_adapter, markdown_table
+    from .runner import write_text_atomic
+
+    parts = args.concept.split(",")
+    if len(parts) != 4:
+        raise ValueError(f"--concept wants WORD,SHAPE,COLOR,BACKGROUND, got {args.concept!r}")
+    concept = Concept(*parts)
+    cfg = ConceptEval(n=args.n, seed=args.seed, steps=args.steps)
+    try:
+        report = compare_adapter(_pipeline(args), args.adapter, concept, cfg, scale=args.scale)
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    print(markdown_table(report), end="")
+    print(f"({report['seconds']:.0f} s)")
+    if args.out:
+        write_text_atomic(Path(args.out), json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -455,6 +492,25 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     v.add_argument("vae", help="a stage-0 output (<run>/vae) or a release-layout model directory")
     v.add_argument("--n", type=int, default=20, help="prompts per GenEval tag (default 20)")
     v.set_defaults(func=cmd_vae_ceiling)
+
+    lo = sub.add_parser(
+        "lora-shapes",
+        help="a new-word LoRA (recipe lora-shapes): ShapesWorld-judged drawing and answering about the "
+        "word, without and with the adapter",
+    )
+    lo.add_argument("adapter", help="the adapter directory (peft layout, e.g. runs/lora-shapes/adapter)")
+    lo.add_argument("--scale", type=float, default=1.0, help="the adapter's weight (default 1)")
+    lo.add_argument("--n", type=int, default=16, help="held-out items per measure (default 16)")
+    lo.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument(
+        "--concept",
+        default="wug,star,purple,black",
+        help="WORD,SHAPE,COLOR,BACKGROUND the adapter was trained on (default: the recipe's wug)",
+    )
+    lo.add_argument("--out", "-o", default=None, help="also write the report as JSON here")
+    _model_args(lo)
+    lo.set_defaults(func=cmd_lora_shapes)
     return p
 
 

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -57,15 +57,26 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 4
 
 
 def engine_loader(
-    model: str, config: ServeConfig, *, device: str = "auto", dtype: str | None = None
+    model: str,
+    config: ServeConfig,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    quantization: str | None = None,
+    loras: Sequence[tuple[str, float]] = (),
 ) -> Callable[[Metrics], Engine]:
     """A function that loads ``model`` and returns an engine over it (run when the app starts, so every
-    replica, a Ray Serve one included, loads its own)."""
+    replica, a Ray Serve one included, loads its own). ``loras``: (adapter directory, scale) pairs loaded
+    into the pipeline (``cheers serve --lora PATH[:SCALE]``)."""
 
     def load(metrics: Metrics) -> Engine:
         from cheers.pipeline import CheersPipeline
 
-        pipe = CheersPipeline.from_pretrained(model, device=device, dtype=dtype, progress=False)
+        pipe = CheersPipeline.from_pretrained(
+            model, device=device, dtype=dtype, progress=False, quantization=quantization
+        )
+        for path, scale in loras:
+            pipe.load_lora_weights(path, scale=scale)
         return Engine(
             pipe,
             max_batch=config.max_batch,

@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from cheers.lora import parse_lora_arg  # light: no torch, no peft
 from cheers.serve.config import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "" if config.api_key else f" WITHOUT an API key: set --api-key or {API_KEY_ENV}",
         )
     app = create_app(
-        config, load_engine=engine_loader(args.model, config, device=args.device, dtype=args.dtype)
+        config,
+        load_engine=engine_loader(
+            args.model,
+            config,
+            device=args.device,
+            dtype=args.dtype,
+            quantization=args.quantization,
+            loras=args.lora,
+        ),
     )
     uvicorn.run(
         app,
@@ -112,6 +121,21 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="cpu | cuda | mps | auto")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument(
+        "--quantization",
+        choices=("int8", "float8", "int4"),  # cheers.quantization.QUANTIZATIONS; not imported: stays light
+        default=None,
+        help="store the LLM's and flow heads' weights in fewer bits (torchao; default: float): int8 on any "
+        "device, float8 on CUDA >= 8.9, int4 on CUDA >= 8.0 with bfloat16",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        type=parse_lora_arg,
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="load a LoRA adapter (peft layout) at SCALE (default 1); repeat to combine several (needs peft)",
+    )
     p.add_argument(
         "--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0: the network)"
     )
