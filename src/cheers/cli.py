@@ -20,10 +20,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     _quantization_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _lora_arg(p)
+    add_lora_argument(p)
 
 
-def _lora_arg(p: argparse.ArgumentParser) -> None:
+def add_lora_argument(p: argparse.ArgumentParser) -> None:
+    """``--lora PATH[:SCALE]`` (repeatable), shared with ``cheers serve``."""
     from cheers.lora import parse_lora_arg
 
     p.add_argument(

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from cheers.lora import parse_lora_arg  # light: no torch, no peft
+from cheers.cli import add_lora_argument  # light: no torch, no peft
 from cheers.serve.config import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -128,14 +128,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         help="store the LLM's and flow heads' weights in fewer bits (torchao; default: float): int8 on any "
         "device, float8 on CUDA >= 8.9, int4 on CUDA >= 8.0 with bfloat16",
     )
-    p.add_argument(
-        "--lora",
-        action="append",
-        type=parse_lora_arg,
-        default=[],
-        metavar="PATH[:SCALE]",
-        help="load a LoRA adapter (peft layout) at SCALE (default 1); repeat to combine several (needs peft)",
-    )
+    add_lora_argument(p)
     p.add_argument(
         "--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0: the network)"
     )
