@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from cheers.eval.conditioning import prompt_gain, shapes_generation_records
+from cheers.eval.conditioning import (
+    object_prompt_gain,
+    prompt_gain,
+    rung_records_by_background,
+    shapes_generation_records,
+)
 from cheers.processor import CheersProcessor
 
 from model_helpers import tiny_model
@@ -52,6 +57,32 @@ def test_a_model_blind_to_its_prompt_has_none(parts, monkeypatch):
     assert max(abs(g) for g in result.gain) < 1e-6, result.gain
     same = [records[0]] * 3  # one prompt everywhere: swapping changes nothing, exactly
     assert prompt_gain(model, processor, same, TIMES).gain == (0.0, 0.0)
+
+
+def test_objects_only_gain_swaps_prompts_between_samples_of_one_background():
+    groups = rung_records_by_background("L2", 3)
+    assert set(groups) == {"gray", "white", "black"} and all(len(g) == 3 for g in groups.values())
+    for bg, records in groups.items():
+        prompts = [r["conversations"][0]["value"] for r, _ in records]
+        assert all(p.startswith(f"A plain {bg} background.") for p in prompts) and len(set(prompts)) > 1
+    with pytest.raises(ValueError, match="rung L1 or L2"):
+        rung_records_by_background("L0", 3)
+
+
+@pytest.mark.slow
+def test_objects_only_gain_is_zero_for_a_model_that_reads_only_the_background(parts, monkeypatch):
+    import cheers.eval.conditioning as conditioning
+
+    model, processor, _ = parts
+    result = object_prompt_gain(model, processor, "L1", n=2, times=TIMES)
+    assert result.n == 6 and max(abs(g) for g in result.gain) > 2e-5  # an untrained model reads every word
+
+    def background_only(model, processor, records, *args, **kwargs):  # a group's prompts made its first
+        return real(model, processor, [(records[0][0], images) for _, images in records], *args, **kwargs)
+
+    real = conditioning.prompt_gain
+    monkeypatch.setattr(conditioning, "prompt_gain", background_only)
+    assert object_prompt_gain(model, processor, "L1", n=2, times=TIMES).gain == (0.0, 0.0)
 
 
 def test_bad_inputs_are_named(parts):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cheers.data.shapes.ladder import L0_COLORS, RUNGS, judge, nearest_palette_color, rung_sample
-from cheers.eval.ladder import LadderConfig, PooledPromptDiT, score
+from cheers.eval.ladder import LadderConfig, PooledPromptDiT, by_background, score
 
 
 @pytest.mark.parametrize("rung", RUNGS)
@@ -25,6 +25,39 @@ def test_rung_samples_are_deterministic_and_their_references_pass_the_judge(rung
     result = score(rung, [s.image for s in samples], samples)
     assert result["score"] == 1.0
     assert result["other_prompt_score"] <= 0.5
+
+
+def test_zoom_enlarges_the_l1_object_and_keeps_the_prompt():
+    def object_pixels(image):  # pixels unlike the (flat) background, whose colour the corner shows
+        a = np.asarray(image).astype(int)
+        return int((np.abs(a - a[0, 0]).sum(-1) > 60).sum())
+
+    for seed in range(6):
+        plain, fixed = rung_sample("L1", seed, 128), rung_sample("L1", seed, 128, 2.0)
+        assert fixed.prompt == plain.prompt and fixed.spec == plain.spec
+        assert 3.0 < object_pixels(fixed.image) / object_pixels(plain.image) < 5.0  # area ~ zoom^2
+        assert judge("L1", fixed.image, fixed.spec)[0]
+        drawn = rung_sample("L1", seed, 128, (1.2, 2.5))
+        again = rung_sample("L1", seed, 128, (1.2, 2.5))
+        assert drawn.image.tobytes() == again.image.tobytes()
+        assert 1.2**2 * 0.8 < object_pixels(drawn.image) / object_pixels(plain.image) < 2.5**2 * 1.2
+    factors = {round(object_pixels(rung_sample("L1", s, 128, (1.0, 2.5)).image) / 100) for s in range(8)}
+    assert len(factors) > 2  # a range draws a factor per sample
+    with pytest.raises(ValueError, match="zoom applies to rung L1"):
+        rung_sample("L2", 0, 128, 2.0)
+    for bad in (0.5, 4.0, (2.0, 1.5)):
+        with pytest.raises(ValueError, match="zoom must be"):
+            rung_sample("L1", 0, 128, bad)
+
+
+def test_objects_only_groups_share_a_background_and_the_config_checks_zoom():
+    samples = [rung_sample("L1", seed, 64) for seed in range(12)]
+    groups = by_background(samples)
+    assert sum(len(g) for g in groups) >= 10 and all(len(g) >= 2 for g in groups)
+    assert all(len({s.spec["background"]["color"] for s in g}) == 1 for g in groups)
+    assert LadderConfig(rung="L1", zoom=[1.5, 2.5]).zoom == [1.5, 2.5]
+    with pytest.raises(ValueError, match="zoom applies to rung L1"):
+        LadderConfig(rung="L2", zoom=2.0)
 
 
 def test_l0_covers_the_palette_and_reads_colours_by_the_mean():

@@ -246,3 +246,12 @@ def test_shapes_source_can_serve_a_ladder_rung_and_a_flat_world():
         ShapesSource("understanding", size=4, options={"rung": "L1"})
     with pytest.raises(ValueError, match="unknown ladder rung"):
         ShapesSource("generation", size=4, options={"rung": "L9"})
+    zoomed = ShapesSource(
+        "generation", size=10, first_seed=7, resolution=64, options={"rung": "L1", "zoom": [1.5, 2]}
+    )
+    assert zoomed.load(2)[1][0].tobytes() == rung_sample("L1", 9, 64, (1.5, 2)).image.tobytes()
+    assert zoomed.load(2)[0]["conversations"] == record["conversations"]
+    with pytest.raises(ValueError, match="zoom needs a ladder rung"):
+        ShapesSource("generation", size=4, options={"zoom": 2})
+    with pytest.raises(ValueError, match="source 'shapes': zoom applies to rung L1"):
+        ShapesSource("generation", size=4, options={"rung": "L2", "zoom": 2})

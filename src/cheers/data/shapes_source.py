@@ -22,7 +22,7 @@ from cheers.data.shapes import (
     split_seeds,
 )
 from cheers.data.shapes.concept import Concept, concept_sample
-from cheers.data.shapes.ladder import check_rung, rung_sample
+from cheers.data.shapes.ladder import check_rung, rung_sample, zoom_factor
 from cheers.data.shapes.tokenizer import DEFAULT_VOCAB_SIZE
 from cheers.data.sources import _stable_hash, permutation
 from cheers.processor import CheersProcessor
@@ -44,9 +44,10 @@ class ShapesSource:
         name: the source's name in the mixture.
         options: ``split`` (train | val | test), ``mix`` (dict of Mix weights), ``world`` (WorldConfig
             fields), ``rung`` (generation only: the text-to-image samples of a learnability-ladder rung,
-            L0..L3, instead of the world's; :mod:`cheers.data.shapes.ladder`), ``concept`` (generation or
-            understanding: samples that teach a new word for one fixed scene; :class:`Concept` fields, e.g.
-            ``{word: wug, shape: star, color: purple, background: black}``; see
+            L0..L3, instead of the world's; :mod:`cheers.data.shapes.ladder`), ``zoom`` (with ``rung: L1``: a
+            magnification factor or a ``[lo, hi]`` range drawn per sample, which enlarges the object),
+            ``concept`` (generation or understanding: samples that teach a new word for one fixed scene;
+            :class:`Concept` fields, e.g. ``{word: wug, shape: star, color: purple, background: black}``; see
             :mod:`cheers.data.shapes.concept`).
     """
 
@@ -66,11 +67,12 @@ class ShapesSource:
         mix = Mix(**options.pop("mix", {}))
         world = WorldConfig(**options.pop("world", {}))
         self.rung = options.pop("rung", None)
+        self.zoom = options.pop("zoom", 1.0)
         concept = options.pop("concept", None)
         if options:
             raise ValueError(
                 f"source {name!r}: unknown ShapesWorld options {sorted(options)}; "
-                "known: split, mix, world, rung, concept"
+                "known: split, mix, world, rung, zoom, concept"
             )
         self.concept = None
         if concept is not None:
@@ -84,8 +86,14 @@ class ShapesSource:
                 self.concept = Concept(**concept)
             except TypeError as err:
                 raise ValueError(f"source {name!r}: concept: {err}") from None
+        if self.zoom != 1.0 and self.rung is None:
+            raise ValueError(f"source {name!r}: zoom needs a ladder rung (rung: L1)")
         if self.rung is not None:
             check_rung(self.rung)
+            try:
+                zoom_factor(self.rung, self.zoom, 0)
+            except ValueError as err:
+                raise ValueError(f"source {name!r}: {err}") from None
             if task != "generation":
                 raise ValueError(
                     f"source {name!r}: a ladder rung is a text-to-image source; set task: generation"
@@ -115,7 +123,7 @@ class ShapesSource:
             return sample, images
         if self.rung is not None:
             seed = int(self.dataset.seeds[index])
-            sample = rung_sample(self.rung, seed, self.resolution)
+            sample = rung_sample(self.rung, seed, self.resolution, self.zoom)
             record = {"id": f"ladder-{self.rung}-{seed}", "kind": "generation", **sample.record, "seed": seed}
             return record, [sample.image]
         sample = dict(self.dataset[index])

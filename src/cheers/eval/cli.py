@@ -226,7 +226,7 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_prompt_gain(args: argparse.Namespace) -> int:
-    from .conditioning import prompt_gain, shapes_generation_records
+    from .conditioning import object_prompt_gain, prompt_gain, shapes_generation_records
     from .runner import write_text_atomic
 
     try:
@@ -236,13 +236,18 @@ def cmd_prompt_gain(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise SystemExit(f"--n must be at least 2 (prompts are swapped between samples), got {args.n}")
     pipe = _pipeline(args)
-    result = prompt_gain(
-        pipe.model,
-        pipe.processor,
-        shapes_generation_records(args.n, args.split),
-        times,
-        batch_size=args.batch_size,
-    )
+    if args.objects:
+        result = object_prompt_gain(
+            pipe.model, pipe.processor, args.objects, args.n, args.split, times, batch_size=args.batch_size
+        )
+    else:
+        result = prompt_gain(
+            pipe.model,
+            pipe.processor,
+            shapes_generation_records(args.n, args.split),
+            times,
+            batch_size=args.batch_size,
+        )
     print(result.table())
     if args.out:
         write_text_atomic(Path(args.out), json.dumps(result.as_dict(), indent=1) + "\n")
@@ -453,7 +458,15 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         help="does generation use the prompt? flow loss with each sample's own "
         "prompt vs another's, per flow time (ShapesWorld prompts)",
     )
-    c.add_argument("--n", type=int, default=64, help="generation samples (default 64)")
+    c.add_argument(
+        "--n", type=int, default=64, help="generation samples (default 64; with --objects: per background)"
+    )
+    c.add_argument(
+        "--objects",
+        choices=("L1", "L2"),
+        default=None,
+        help="objects only: swap prompts between samples of this ladder rung that share a background colour",
+    )
     c.add_argument("--split", choices=("val", "test"), default="val")
     c.add_argument("--times", default="0.1,0.3,0.5,0.7,0.9", help="flow times (0 = noise), comma-separated")
     c.add_argument("--batch-size", type=int, default=32)

@@ -8,6 +8,11 @@ sample's prompt (the batch rolled by one) and with the CFG-unconditional prompt.
 It is reported per flow time (``t = 0`` is noise), since the text decides most where the latent is noisy.
 
     cheers eval prompt-gain --n 64            # the bundled model on ShapesWorld validation prompts
+    cheers eval prompt-gain --objects L1      # objects only: prompts swapped between same-background samples
+
+A background covers most of a ShapesWorld image, so a model that reads only the background sentence already
+has a large prompt gain. :func:`object_prompt_gain` swaps prompts only between samples of a ladder rung that
+share their background colour: what is left is the gain from the objects' words (colour, shape, count, place).
 """
 
 from __future__ import annotations
@@ -49,6 +54,20 @@ class PromptGain:
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "gain": list(self.gain), "relative_gain": self.relative_gain}
 
+    @staticmethod
+    def combine(parts: Sequence[PromptGain]) -> PromptGain:
+        """The gain over the union of several evaluations at the same times (means weighted by ``n``)."""
+        if not parts or any(p.times != parts[0].times for p in parts):
+            raise ValueError("combine needs at least one PromptGain, all at the same times")
+        total = sum(p.n for p in parts)
+
+        def mean(field: str) -> tuple[float, ...]:
+            return tuple(
+                sum(getattr(p, field)[j] * p.n for p in parts) / total for j in range(len(parts[0].times))
+            )
+
+        return PromptGain(parts[0].times, mean("own"), mean("other"), mean("unconditional"), n=total)
+
     def table(self) -> str:
         rows = ["| t | own prompt | other prompt | unconditional | gain |", "|---:|---:|---:|---:|---:|"]
         for t, w, o, u, g in zip(self.times, self.own, self.other, self.unconditional, self.gain):
@@ -66,6 +85,49 @@ def shapes_generation_records(n: int, split: str = "val", first: int = 0) -> lis
         images = sample.pop("images")
         out.append((sample, images))
     return out
+
+
+def rung_records_by_background(
+    rung: str, n: int, split: str = "val", zoom: float = 1.0, first: int = 0
+) -> dict[str, list[tuple[dict, list]]]:
+    """``n`` samples of ladder ``rung`` (L1 or L2) per background colour, from the held-out ``split``."""
+    from cheers.data.shapes.ladder import rung_sample
+    from cheers.data.shapes.palette import BACKGROUND_COLORS
+
+    if rung not in ("L1", "L2"):
+        raise ValueError(
+            f"objects-only prompt gain needs rung L1 or L2 (objects on a named background), got {rung!r}"
+        )
+    groups: dict[str, list[tuple[dict, list]]] = {bg: [] for bg in BACKGROUND_COLORS}
+    for seed in split_seeds(split)[first:]:
+        sample = rung_sample(rung, int(seed), zoom=zoom)
+        group = groups[sample.spec["background"]["color"]]
+        if len(group) < n:
+            group.append((sample.record, [sample.image]))
+        if all(len(g) == n for g in groups.values()):
+            return groups
+    raise ValueError(f"the {split} split has fewer than {n} {rung} samples per background")
+
+
+def object_prompt_gain(
+    model: Cheers,
+    processor: CheersProcessor,
+    rung: str = "L1",
+    n: int = 12,
+    split: str = "val",
+    times: Sequence[float] = (0.1, 0.5),
+    zoom: float = 1.0,
+    batch_size: int = 32,
+) -> PromptGain:
+    """The prompt gain of the objects' words alone: :func:`prompt_gain` within groups of ``n`` ``rung``
+    samples that share a background colour (so the swapped prompt names the same background), averaged over
+    the groups (``n`` per background colour)."""
+    return PromptGain.combine(
+        [
+            prompt_gain(model, processor, records, times, batch_size)
+            for records in rung_records_by_background(rung, n, split, zoom).values()
+        ]
+    )
 
 
 @torch.no_grad()

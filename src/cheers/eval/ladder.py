@@ -35,7 +35,15 @@ from cheers.assets import default_model_dir
 from cheers.checkpoint import resolve_checkpoint_dir
 from cheers.data.collate import collate
 from cheers.data.samples import SampleBuilder, mix_seed
-from cheers.data.shapes.ladder import L0_COLORS, RUNG_TITLES, RungSample, check_rung, judge, rung_sample
+from cheers.data.shapes.ladder import (
+    L0_COLORS,
+    RUNG_TITLES,
+    RungSample,
+    check_rung,
+    judge,
+    rung_sample,
+    zoom_factor,
+)
 from cheers.data.shapes.prompts import GEN_SUFFIX
 from cheers.eval.conditioning import PromptGain, prompt_gain
 from cheers.eval.runner import write_text_atomic
@@ -68,6 +76,7 @@ class LadderConfig:
     """One ladder run. Every field can be set from the CLI with ``--set name=value``."""
 
     rung: str = "L0"
+    zoom: float | list[float] = 1.0  # L1 only: the object magnified (a factor or a [lo, hi] range per sample)
     scale: str = "micro"
     steps: int = 1000
     batch_size: int = 32
@@ -96,6 +105,7 @@ class LadderConfig:
 
     def __post_init__(self) -> None:
         check_rung(self.rung)
+        zoom_factor(self.rung, self.zoom, 0)
         if self.warmup_rung is not None:
             check_rung(self.warmup_rung)
         if not 0 <= self.warmup_steps <= self.steps:
@@ -146,11 +156,23 @@ def training_batch(cfg: LadderConfig, step: int) -> list[RungSample]:
     """The rung samples of training step ``step`` (1-based): deterministic in (seed, step)."""
     first = TRAIN_SEED_BASE + cfg.seed * 10**6 + (step - 1) * cfg.batch_size
     rung = cfg.warmup_rung if cfg.warmup_rung is not None and step <= cfg.warmup_steps else cfg.rung
-    return [rung_sample(rung, first + k, cfg.resolution) for k in range(cfg.batch_size)]
+    zoom = cfg.zoom if rung == cfg.rung else 1.0
+    return [rung_sample(rung, first + k, cfg.resolution, zoom) for k in range(cfg.batch_size)]
 
 
 def eval_samples(cfg: LadderConfig) -> list[RungSample]:
-    return [rung_sample(cfg.rung, EVAL_SEED_BASE + k, cfg.resolution) for k in range(cfg.eval_prompts)]
+    return [
+        rung_sample(cfg.rung, EVAL_SEED_BASE + k, cfg.resolution, cfg.zoom) for k in range(cfg.eval_prompts)
+    ]
+
+
+def by_background(samples: list[RungSample]) -> list[list[RungSample]]:
+    """The samples grouped by their named background colour (groups of at least 2), for the objects-only
+    prompt gain: prompts swapped within a group differ only in their objects."""
+    groups: dict[str, list[RungSample]] = {}
+    for s in samples:
+        groups.setdefault(s.spec.get("background", {}).get("color", ""), []).append(s)
+    return [g for g in groups.values() if len(g) >= 2]
 
 
 # -- models -------------------------------------------------------------------------------------------------
@@ -455,9 +477,24 @@ def evaluate(cfg: LadderConfig, trained: dict[str, Any]) -> dict[str, Any]:
             else {}
         )
 
+    groups = by_background(samples) if cfg.rung in ("L1", "L2") else []
+
+    def records(group: list[RungSample]) -> list[tuple[dict, list]]:
+        return [({"id": f"eval-{k}", **s.record}, [s.image]) for k, s in enumerate(group)]
+
+    objects = (
+        {
+            "object_gain": PromptGain.combine(
+                [prompt_gain(model, processor, records(g), cfg.gain_times, batch_size=12) for g in groups]
+            ).as_dict()
+        }
+        if groups
+        else {}
+    )
     results["cheers"] = {
         **extra(latents),
         "prompt_gain": gain.as_dict(),
+        **objects,
         **score(cfg.rung, images, samples),
         "train_minutes": trained["seconds"]["cheers"] / 60,
         "final_loss": float(np.mean(trained["curves"]["cheers"][-50:])),
@@ -468,9 +505,19 @@ def evaluate(cfg: LadderConfig, trained: dict[str, Any]) -> dict[str, Any]:
         cimages, clatents = control_images(
             control, vae, processor, prompts, seeds, shape, cfg.num_inference_steps, cfg.guidance_scale
         )
+        cobjects = (
+            {
+                "object_gain": PromptGain.combine(
+                    [control_prompt_gain(control, vae, processor, g, cfg.gain_times, shape) for g in groups]
+                ).as_dict()
+            }
+            if groups
+            else {}
+        )
         results["control"] = {
             **extra(clatents),
             "prompt_gain": cgain.as_dict(),
+            **cobjects,
             **score(cfg.rung, cimages, samples),
             "train_minutes": trained["seconds"]["control"] / 60,
             "final_loss": float(np.mean(trained["curves"]["control"][-50:])),
@@ -488,17 +535,19 @@ def markdown(cfg: LadderConfig, results: dict[str, Any]) -> str:
         f"{cfg.resolution} px, lr {cfg.lr:g}, seed {cfg.seed}; judged on {cfg.eval_prompts} held-out prompts "
         f"({cfg.num_inference_steps} Euler steps, guidance {cfg.guidance_scale:g}).",
         "",
-        f"Judge ceiling (the references through the VAE): {results['vae_ceiling']:.2f}.",
+        f"Judge ceiling (the references through the VAE): {results['vae_ceiling']:.2f}. Objects only: the "
+        "relative prompt gain with prompts swapped between held-out samples that name the same background.",
         "",
-        "| model | relative prompt gain | judge score | other-prompt score | L0 latent colour score "
-        "| final flow loss | train minutes |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | relative prompt gain | objects only | judge score | other-prompt score "
+        "| L0 latent colour score | final flow loss | train minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("cheers", "control"):
         if name in results:
             r = results[name]
+            objects = f"{r['object_gain']['relative_gain']:+.4f}" if "object_gain" in r else "—"
             lines.append(
-                f"| {name} | {r['prompt_gain']['relative_gain']:+.4f} "
+                f"| {name} | {r['prompt_gain']['relative_gain']:+.4f} | {objects} "
                 f"| {r['score']:.2f} ± {r['score_se']:.2f}"
                 f" | {r['other_prompt_score']:.2f} | {r.get('latent_score', float('nan')):.2f}"
                 f" | {r['final_loss']:.4f}"
