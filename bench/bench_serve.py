@@ -67,6 +67,7 @@ class Server:
         argv += ["--port", str(self.port), "--max-batch", str(max_batch), "--max-queue", "1024"]
         argv += ["--max-steps", str(max(args.steps, 2)), "--max-tokens", str(args.max_tokens)]
         argv += ["--threads", str(args.threads)] if args.threads else []
+        argv += [] if args.channels_last else ["--no-channels-last"]
         self.log = tempfile.NamedTemporaryFile(prefix="bench-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -168,6 +169,12 @@ def main() -> None:
     ap.add_argument("--kinds", default="images,chat", help="images, chat or both")
     ap.add_argument("--max-batch", type=int, default=32, help="the batched server's --max-batch")
     ap.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    ap.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="both servers' --channels-last (default on, as cheers serve)",
+    )
     ap.add_argument("--quick", action="store_true", help="1 request per client, 2 steps, 8 tokens")
     args = ap.parse_args()
     if args.quick:
@@ -178,7 +185,8 @@ def main() -> None:
         ap.error(f"--kinds takes images and/or chat, got {args.kinds}")
     print(
         f"machine: {os.cpu_count()} CPU cores; model {args.model}, {args.steps} steps/image, "
-        f"{args.max_tokens} tokens/answer, {args.requests_per_client} request(s) per client"
+        f"{args.max_tokens} tokens/answer, {args.requests_per_client} request(s) per client, "
+        f"channels-last {'on' if args.channels_last else 'off'}"
     )
     batched = measure(args, args.max_batch)
     single = measure(args, 1)
