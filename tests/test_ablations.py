@@ -103,3 +103,16 @@ def test_ablate_trains_matched_runs_and_writes_the_report(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/export/model.safetensors")}
     run_ablations(cfg, out)
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/export/model.safetensors")} == before
+
+
+def test_the_cli_lists_the_same_pairs_without_importing_the_trainer():
+    import subprocess
+    import sys
+
+    from cheers.eval.ablations import PAIRS
+    from cheers.eval.cli import ABLATION_PAIRS
+
+    assert ABLATION_PAIRS == PAIRS
+    code = "import sys, cheers.cli; cheers.cli.build_parser(); print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -404,12 +404,21 @@ def _cuda_graph_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+QUIET_IMPORT_LOGGERS = ("torchao",)
+"""Loggers whose import-time warnings say nothing about the command: transformers imports torchao whenever it
+is installed (the ``quant`` extra), and torchao then reports its CUDA-only kernels as unloadable. Shown with
+``cheers -v``."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:
+        for name in QUIET_IMPORT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback

@@ -608,10 +608,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+ABLATION_PAIRS = ("hfi", "pixrec", "joint")
+"""``cheers.eval.ablations.PAIRS``, repeated so that building the parser does not import the trainer (and
+transformers and, where installed, torchao with it); a test keeps the two equal."""
+
+
 def add_ablate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``ablate``: the paper's ablations as matched ShapesWorld runs (see cheers.eval.ablations)."""
-    from .ablations import PAIRS
-
     a = subparsers.add_parser(
         "ablate",
         help="train matched pairs (HFI, pixel reconstruction, joint training) "
@@ -631,7 +634,11 @@ def add_ablate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="model the joint-training fine-tunes start from (default: the base run; 'default': the "
         "bundled model)",
     )
-    a.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {','.join(PAIRS)}")
+    a.add_argument(
+        "--pairs",
+        default=",".join(ABLATION_PAIRS),
+        help=f"comma-separated subset of {','.join(ABLATION_PAIRS)}",
+    )
     a.add_argument("--n", type=int, default=20, help="ShapesBench size per task (default 20)")
     a.add_argument("--num-images", type=int, default=2, help="images per ShapesGenEval prompt (default 2)")
     a.add_argument(
