@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sampling import peak_memory  # noqa: E402
 
 from cheers.generation import ImageSampler, prefill  # noqa: E402
-from cheers.models.pretrained import from_pretrained  # noqa: E402
+from cheers.parity_fixtures import load_cases, reference_dir  # noqa: E402
 from cheers.quantization import quantize_model, quantized_layers, weight_nbytes  # noqa: E402
-from cheers.tokens import SpecialTokens, unconditional_ids  # noqa: E402
+from cheers.tokens import unconditional_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(os.environ.get("CHEERS_REFERENCE_DIR", ROOT / "tests/fixtures/reference/config_a"))
+REFERENCE_DIR = reference_dir(ROOT / "tests/fixtures/reference/config_a")
 QUANT = "int8"
 
 
@@ -51,24 +51,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- 1. parity configuration ---------------------------------------------------------------------------------
-def reference_special(meta: dict) -> SpecialTokens:
-    ids, chat = meta["special_ids"], meta["chat_stand_in_ids"]
-    return SpecialTokens(
-        image=chat["IMAGE_WORD"],
-        image_gen=chat["IMAGE_GEN_WORD"],
-        im_start=ids["IM_START_ID"],
-        im_end=ids["IM_END_ID"],
-        no_mean=ids["NO_MEAN_ID"],
-        eos=ids["EOS_TOKEN_ID"],
-        pad=chat["PAD"],
-        chat_start=chat["CHAT_START"],
-        chat_end=chat["CHAT_END"],
-        newline=chat["NEWLINE"],
-        image_marker=ids["IMAGE_TOKEN_INDEX"],
-        image_gen_marker=ids["IMAGE_GEN_TOKEN_INDEX"],
-    )
-
-
 @torch.no_grad()
 def parity_outputs(model, meta: dict, tensors: dict) -> dict[str, torch.Tensor]:
     """The float-valued outputs of the understanding, velocity and training cases, keyed like the fixture."""
@@ -106,17 +88,10 @@ def parity_outputs(model, meta: dict, tensors: dict) -> dict[str, torch.Tensor]:
 
 
 def parity_errors() -> None:
-    from safetensors.torch import load_file
-
-    meta = json.loads((REFERENCE_DIR / "cases.json").read_text())
-    tensors = load_file(str(REFERENCE_DIR / "cases.safetensors"))
-    checkpoint = REFERENCE_DIR / meta.get("checkpoint_dir", "checkpoint")
-
-    def load():
-        return from_pretrained(checkpoint, dtype="float32", special=reference_special(meta))
-
-    float_out = parity_outputs(load(), meta, tensors)
-    model = quantize_model(load(), QUANT)
+    reference = load_cases(REFERENCE_DIR)
+    meta, tensors = reference.meta, reference.tensors
+    float_out = parity_outputs(reference.load_model(), meta, tensors)
+    model = quantize_model(reference.load_model(), QUANT)
     int8_out = parity_outputs(model, meta, tensors)
     print(f"1. parity configuration {REFERENCE_DIR.name}: {len(quantized_layers(model))} int8 linear layers")
     print(f"   {'tensor':44s} {'int8 vs float':>14s} {'float vs rel.':>14s} {'int8 vs rel.':>14s}")

@@ -8,58 +8,26 @@ configuration.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cheers.generation import ImageSampler, generate, prefill
-from cheers.models.pretrained import from_pretrained
+from cheers.parity_fixtures import load_cases, reference_dir
 from cheers.sampling import ImageSampling
 from cheers.text_sampling import TextSampling
-from cheers.tokens import SpecialTokens, unconditional_ids
+from cheers.tokens import unconditional_ids
 
-REFERENCE_DIR = Path(
-    os.environ.get("CHEERS_REFERENCE_DIR", Path(__file__).parent / "fixtures/reference/config_a")
-)
+REFERENCE = load_cases(reference_dir(Path(__file__).parent / "fixtures/reference/config_a"))
 MAX_ERRORS: dict[str, float] = {}  # tensor -> max abs error, printed at the end of the session
-
-
-def _load_reference():
-    meta = json.loads((REFERENCE_DIR / "cases.json").read_text())
-    return meta, load_file(str(REFERENCE_DIR / "cases.safetensors"))
-
-
-def _special(meta: dict) -> SpecialTokens:
-    ids, chat = meta["special_ids"], meta["chat_stand_in_ids"]
-    return SpecialTokens(
-        image=chat["IMAGE_WORD"],
-        image_gen=chat["IMAGE_GEN_WORD"],
-        im_start=ids["IM_START_ID"],
-        im_end=ids["IM_END_ID"],
-        no_mean=ids["NO_MEAN_ID"],
-        eos=ids["EOS_TOKEN_ID"],
-        pad=chat["PAD"],
-        chat_start=chat["CHAT_START"],
-        chat_end=chat["CHAT_END"],
-        newline=chat["NEWLINE"],
-        image_marker=ids["IMAGE_TOKEN_INDEX"],
-        image_gen_marker=ids["IMAGE_GEN_TOKEN_INDEX"],
-    )
-
-
-META, TENSORS = _load_reference()
+META, TENSORS = REFERENCE.meta, REFERENCE.tensors
 CASES = sorted(META["cases"])
 
 
 @pytest.fixture(scope="module")
 def model():
-    return from_pretrained(
-        REFERENCE_DIR / META.get("checkpoint_dir", "checkpoint"), dtype="float32", special=_special(META)
-    )
+    return REFERENCE.load_model()
 
 
 def kind_of(call: str, tensors: dict) -> str:
@@ -196,3 +164,9 @@ def test_parity_case(model, name):
             )
         checked += 1
     assert checked >= len(expected_outputs)
+
+
+def test_a_directory_without_cases_is_named(tmp_path):
+    (tmp_path / "cases.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="cases.safetensors missing"):
+        load_cases(tmp_path)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cheers import processor as processor_module
+from cheers.parity_fixtures import load_cases, reference_dir
 from cheers.processor import CheersProcessor
 
 from tiny_tokenizer import RELEASE_CHAT_TEMPLATE, make_tiny_tokenizer
@@ -336,26 +337,14 @@ def test_generation_record_keeps_the_gen_marker_in_labels(proc):
         proc.encode_conversation({**record, "image": "a.png, b.png"})
 
 
-REFERENCE_CASES = Path(
-    os.environ.get("CHEERS_REFERENCE_DIR", str(Path(__file__).parent / "fixtures/reference/config_a"))
-)
+REFERENCE_CASES = reference_dir(Path(__file__).parent / "fixtures/reference/config_a")
 
 
 @pytest.mark.skipif(not (REFERENCE_CASES / "cases.json").is_file(), reason="reference vectors not present")
 @pytest.mark.parametrize("case", ["train_gen", "train_und", "train_text_only"])
 def test_label_rule_reproduces_the_reference_labels(case):
-    from safetensors.torch import load_file
-
-    from cheers.tokens import SpecialTokens
-
-    meta = json.loads((REFERENCE_CASES / "cases.json").read_text())
-    ids_, chat = meta["special_ids"], meta["chat_stand_in_ids"]
-    s = SpecialTokens(
-        image=chat["IMAGE_WORD"], image_gen=chat["IMAGE_GEN_WORD"], im_start=ids_["IM_START_ID"],
-        im_end=ids_["IM_END_ID"], no_mean=ids_["NO_MEAN_ID"], eos=ids_["EOS_TOKEN_ID"], pad=chat["PAD"],
-        chat_start=chat["CHAT_START"], chat_end=chat["CHAT_END"], newline=chat["NEWLINE"],
-    )  # fmt: skip
-    tensors = load_file(str(REFERENCE_CASES / "cases.safetensors"))
+    reference = load_cases(REFERENCE_CASES)
+    s, tensors = reference.special, reference.tensors
     ids = tensors[f"{case}/in/input_ids"][0].tolist()
     labels = tensors[f"{case}/in/labels"][0].tolist()
     start = len(ids) - 1 - ids[::-1].index(s.chat_start)  # the assistant turn is the last one

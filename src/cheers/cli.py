@@ -404,10 +404,10 @@ def _cuda_graph_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-QUIET_IMPORT_LOGGERS = ("torchao",)
+QUIET_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
 """Loggers whose import-time warnings say nothing about the command: transformers imports torchao whenever it
-is installed (the ``quant`` extra), and torchao then reports its CUDA-only kernels as unloadable. Shown with
-``cheers -v``."""
+is installed (the ``quant`` extra), torchao then reports its CUDA-only kernels as unloadable and registers two
+enums in a way torch's pytree calls deprecated. Shown with ``cheers -v``."""
 
 
 def main(argv: list[str] | None = None) -> int:

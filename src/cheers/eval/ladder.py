@@ -482,47 +482,38 @@ def evaluate(cfg: LadderConfig, trained: dict[str, Any]) -> dict[str, Any]:
     def records(group: list[RungSample]) -> list[tuple[dict, list]]:
         return [({"id": f"eval-{k}", **s.record}, [s.image]) for k, s in enumerate(group)]
 
-    objects = (
-        {
-            "object_gain": PromptGain.combine(
-                [prompt_gain(model, processor, records(g), cfg.gain_times, batch_size=12) for g in groups]
-            ).as_dict()
+    def summary(name: str, gain: PromptGain, group_gain, images, latents) -> dict[str, Any]:
+        """One model's results; ``group_gain(group)`` is its prompt gain within a same-background group."""
+        objects = PromptGain.combine([group_gain(g) for g in groups]) if groups else None
+        return {
+            **extra(latents),
+            "prompt_gain": gain.as_dict(),
+            **({"object_gain": objects.as_dict()} if objects else {}),
+            **score(cfg.rung, images, samples),
+            "train_minutes": trained["seconds"][name] / 60,
+            "final_loss": float(np.mean(trained["curves"][name][-50:])),
+            "images": images,
         }
-        if groups
-        else {}
+
+    results["cheers"] = summary(
+        "cheers",
+        gain,
+        lambda g: prompt_gain(model, processor, records(g), cfg.gain_times, batch_size=12),
+        images,
+        latents,
     )
-    results["cheers"] = {
-        **extra(latents),
-        "prompt_gain": gain.as_dict(),
-        **objects,
-        **score(cfg.rung, images, samples),
-        "train_minutes": trained["seconds"]["cheers"] / 60,
-        "final_loss": float(np.mean(trained["curves"]["cheers"][-50:])),
-    }
-    results["cheers"]["images"] = images
     if control is not None:
         cgain = control_prompt_gain(control, vae, processor, samples, cfg.gain_times, shape)
         cimages, clatents = control_images(
             control, vae, processor, prompts, seeds, shape, cfg.num_inference_steps, cfg.guidance_scale
         )
-        cobjects = (
-            {
-                "object_gain": PromptGain.combine(
-                    [control_prompt_gain(control, vae, processor, g, cfg.gain_times, shape) for g in groups]
-                ).as_dict()
-            }
-            if groups
-            else {}
+        results["control"] = summary(
+            "control",
+            cgain,
+            lambda g: control_prompt_gain(control, vae, processor, g, cfg.gain_times, shape),
+            cimages,
+            clatents,
         )
-        results["control"] = {
-            **extra(clatents),
-            "prompt_gain": cgain.as_dict(),
-            **cobjects,
-            **score(cfg.rung, cimages, samples),
-            "train_minutes": trained["seconds"]["control"] / 60,
-            "final_loss": float(np.mean(trained["curves"]["control"][-50:])),
-        }
-        results["control"]["images"] = cimages
     results["samples"] = samples
     return results
 
