@@ -1,14 +1,17 @@
 """Training throughput: samples/s of the real training loop (data pipeline included) on ShapesWorld data.
 
-CPU: the ``tiny`` preset (128 px), one process. CUDA (when present): the ``official`` preset (2.57 B
-parameters, 512 px, random weights), bf16 autocast, FSDP2 on one GPU, all groups but the VAE trained; also the
-peak GPU memory. Each configuration runs ``--warmup`` steps, then ``--steps`` measured steps; the reported
-number is the median of the measured steps' samples/s. The FLOPs of one optimizer step (forward and backward,
-counted on the last warm-up step) give the achieved TFLOP/s and the model-FLOPs utilisation against a large
-matmul measured in the same run on the same device and dtype (``--no-flops`` skips the count).
+CPU: the ``tiny`` preset (128 px; ``--preset``), one process, with the VAE decoders' and ViT's convolutions in
+the default memory format and then channels-last (``engine.channels_last``), the ratio printed. CUDA (when
+present): the ``official`` preset (2.57 B parameters, 512 px, random weights), bf16 autocast, FSDP2 on one
+GPU, all groups but the VAE trained; also the peak GPU memory. Each configuration runs ``--warmup`` steps,
+then ``--steps`` measured steps; the reported number is the median of the measured steps' samples/s. The
+FLOPs of one optimizer step (forward and backward, counted on the last warm-up step) give the achieved
+TFLOP/s and the model-FLOPs utilisation against a large matmul measured in the same run on the same device
+and dtype (``--no-flops`` skips the count).
 
     python bench/bench_train.py                          # CPU tiny (and official on CUDA when available)
     python bench/bench_train.py --cpu-only --micro-batch 8
+    python bench/bench_train.py --cpu-only --preset tiny-shapes --precision bf16 --micro-batch 32 --steps 4
     python bench/bench_train.py --official-micro-batch 4 --gradient-checkpointing
 """
 
@@ -30,7 +33,15 @@ ALL_BUT_VAE = ["pixel_decoder", "vision_encoder", "und_projector", "llm", "flow_
 
 
 def recipe(
-    preset: str, micro: int, steps: int, workers: int, device: str, strategy: str, checkpointing: bool
+    preset: str,
+    micro: int,
+    steps: int,
+    workers: int,
+    device: str,
+    strategy: str,
+    checkpointing: bool,
+    precision: str = "auto",
+    channels_last: bool = False,
 ):
     return recipe_from_dict(
         {
@@ -53,7 +64,13 @@ def recipe(
                 "global_batch": micro,
                 "warmup_ratio": 0.0,
             },
-            "engine": {"device": device, "strategy": strategy, "gradient_checkpointing": checkpointing},
+            "engine": {
+                "device": device,
+                "strategy": strategy,
+                "gradient_checkpointing": checkpointing,
+                "precision": precision,
+                "channels_last": channels_last,
+            },
             "checkpoint": {"every": 0, "at_end": False, "export": False},
             "log": {"every": 1, "progress": False, "tensorboard": False},
         }
@@ -92,7 +109,7 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int) -> float:
     return 2 * n**3 / best
 
 
-def measure(label: str, r, warmup: int, count: bool) -> None:
+def measure(label: str, r, warmup: int, count: bool) -> float:
     count_at = warmup - 1 if count and warmup > 0 else None  # a warm-up step: the counting slows it down
     with tempfile.TemporaryDirectory() as out:
         if torch.cuda.is_available():
@@ -123,13 +140,16 @@ def measure(label: str, r, warmup: int, count: bool) -> None:
         )
     elif count:
         print(f"{'':<44} FLOPs not counted: pass --warmup 1 or more (the counted step is a warm-up step)")
+    return rate
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="measured steps")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--micro-batch", type=int, default=4, help="CPU tiny micro batch")
+    ap.add_argument("--micro-batch", type=int, default=4, help="CPU micro batch")
+    ap.add_argument("--preset", default="tiny", help="CPU preset (tiny-shapes: the bundled model's)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="CPU precision")
     ap.add_argument("--workers", type=int, default=1, help="data-loader workers")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads on the CPU")
     ap.add_argument("--cpu-only", action="store_true")
@@ -145,12 +165,27 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}"
     )
-    measure(
-        "tiny preset, CPU, fp32, one process",
-        recipe("tiny", args.micro_batch, total, args.workers, "cpu", "single", False),
-        args.warmup,
-        not args.no_flops,
-    )
+    cpu = {"fp32": "fp32", "bf16": "bf16 autocast"}[args.precision]
+    rates = [
+        measure(
+            f"{args.preset} preset, CPU, {cpu}, one process{', channels-last' if last else ''}",
+            recipe(
+                args.preset,
+                args.micro_batch,
+                total,
+                args.workers,
+                "cpu",
+                "single",
+                False,
+                args.precision,
+                last,
+            ),
+            args.warmup,
+            not args.no_flops and not last,
+        )
+        for last in (False, True)
+    ]
+    print(f"{'':<44} channels-last decoder and ViT convolutions: {rates[1] / rates[0]:.2f}x the samples/s")
     if torch.cuda.is_available() and not args.cpu_only:
         measure(
             "official preset, CUDA, bf16 autocast, FSDP2 x1",

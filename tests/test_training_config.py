@@ -77,6 +77,8 @@ def test_values_are_checked_and_coerced():
         parse_override("train.lr")
     with pytest.raises(RecipeError, match="from_release"):
         recipe_from_dict({"init": {"from_release": "a", "llm": "b"}})
+    with pytest.raises(RecipeError, match="channels_last works with the single and ddp"):
+        load_recipe("stage1", ["engine.channels_last=true", "engine.strategy=fsdp"])
 
 
 def test_stage_one_trains_exactly_the_alignment_groups():

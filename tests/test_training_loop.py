@@ -161,6 +161,22 @@ def test_resume_is_bit_exact(data, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_channels_last_trains_the_same_numbers_and_resumes(data, tmp_path):
+    root, files = data
+    sets = {"train.trainable": ["vision_encoder", "und_projector", "llm", "flow_head", "hfi_gate"]}
+    plain = Trainer(tiny_recipe(root, files, **sets), tmp_path / "a", processor=tiny_processor()).run()
+    last = tiny_recipe(root, files, **sets, **{"engine.channels_last": True})
+    first = Trainer(last, tmp_path / "b", processor=tiny_processor(), stop_after=2).run()
+    processor = tiny_processor()
+    model = build_model(last, processor.special)
+    second = Trainer(last, tmp_path / "b", processor=processor, model=model, resume=True).run()
+    assert second.step == 3
+    losses = [h["loss"] for h in first.history + second.history]
+    assert losses == pytest.approx([h["loss"] for h in plain.history], rel=1e-4)
+    conv = model.model.vision_representation.embeddings.patch_embedding.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and conv.requires_grad
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     root, files = data
     recipe = tiny_recipe(root, files, **{"train.steps": 3, "checkpoint.every": 1, "checkpoint.keep": 2})

@@ -479,16 +479,15 @@ class CheersPipeline:
         """Opt-in speed settings that keep the outputs within the parity tolerance.
 
         Args:
-            channels_last: keep the VAE's and the ViT's convolutions in NHWC memory format (faster with oneDNN
-                / cuDNN; on 2 CPU cores, 20 steps of the bundled model: one image 1.29 -> 1.11 s, a batch of 8
-                5.81 -> 4.58 s).
+            channels_last: keep the VAE decoders' and the ViT's convolutions in NHWC memory format (faster
+                with oneDNN / cuDNN; the encoder stays NCHW, see ``Cheers.to_channels_last``; on 2 CPU cores,
+                20 steps of the bundled model: one image 1.29 -> 1.11 s, a batch of 8 5.81 -> 4.58 s).
             compile_step: ``torch.compile`` the tokenizer-side decoder, the ViT and the flow heads (first call
                 slow).
         """
         core = self.model.model
         if channels_last:
-            for part in (core.vae_model, core.vae_decoder_projector, core.vision_representation):
-                part.to(memory_format=torch.channels_last)
+            self.model.to_channels_last()
         if compile_step:
             for name in ("vae_decoder_projector", "gen_projector", "hi_projector"):
                 setattr(core, name, torch.compile(getattr(core, name)))

@@ -8,7 +8,7 @@ A recipe is one YAML file with the sections below (every key optional; unknown k
     init:    {from_release, llm, vision, vae}
     data:    {processor, sources: [{name, kind, task, ratio, path, image_root, ...}], cfg_dropout, ...}
     train:   {trainable, lr, schedule, warmup_ratio, steps, micro_batch, global_batch, grad_clip, ...}
-    engine:  {strategy, precision, gradient_checkpointing, device}
+    engine:  {strategy, precision, gradient_checkpointing, device, channels_last}
     checkpoint: {every, keep, export, export_dtype}
     log:     {every, progress, tensorboard, sample_every, score_every}
     lora:    {r, alpha, dropout, targets, init}   # optional: train LoRA adapters only (train.trainable empty)
@@ -136,6 +136,7 @@ class EngineSection:
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     find_unused_parameters: bool = False  # DDP only
+    channels_last: bool = False  # VAE decoders' and ViT's convs in NHWC (single / DDP)
 
 
 @dataclass
@@ -263,6 +264,8 @@ class Recipe:
             raise RecipeError(f"engine.precision: {e.precision!r} is not auto, fp32 or bf16")
         if e.device not in ("auto", "cpu", "cuda"):
             raise RecipeError(f"engine.device: {e.device!r} is not auto, cpu or cuda")
+        if e.channels_last and e.strategy == "fsdp":
+            raise RecipeError("engine.channels_last works with the single and ddp strategies, not fsdp")
         if self.vae.loss not in ("l1", "l2", "l1+l2"):
             raise RecipeError(f"vae.loss: {self.vae.loss!r} is not l1, l2 or l1+l2")
         if not self.init.und_projector_scale > 0:

@@ -131,6 +131,10 @@ class Trainer:
         if model.special is None:
             model.special = processor.special
         install_fast_vae(model)  # the frozen VAE decoders' faster forms (same numbers up to rounding)
+        if r.engine.channels_last:
+            if info.strategy == "fsdp":
+                raise RecipeError("engine.channels_last works with the single and ddp strategies, not fsdp")
+            model.to_channels_last()
         model.train()
         if lora:
             counts = self._add_lora(model, resume_from if info.strategy != "fsdp" else None)
