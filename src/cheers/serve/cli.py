@@ -134,8 +134,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="NHWC memory format for the VAE's and ViT's convolutions (default on: faster with oneDNN / "
-        "cuDNN, above all for batches; same outputs within the parity tolerance)",
+        help="NHWC memory format for the VAE decoders' and ViT's convolutions (default on: faster with "
+        "oneDNN / cuDNN, above all for batches; same outputs within the parity tolerance)",
     )
     p.add_argument(
         "--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0: the network)"

@@ -139,6 +139,10 @@ class EngineSection:
     channels_last: bool = False  # VAE decoders' and ViT's convs in NHWC (single / DDP)
 
 
+CHANNELS_LAST_FSDP = "engine.channels_last works with the single and ddp strategies, not fsdp"
+"""Also raised by the trainer when ``strategy: auto`` resolves to FSDP under torchrun."""
+
+
 @dataclass
 class CheckpointSection:
     every: int = 1000  # steps; 0 = only at the end
@@ -265,7 +269,7 @@ class Recipe:
         if e.device not in ("auto", "cpu", "cuda"):
             raise RecipeError(f"engine.device: {e.device!r} is not auto, cpu or cuda")
         if e.channels_last and e.strategy == "fsdp":
-            raise RecipeError("engine.channels_last works with the single and ddp strategies, not fsdp")
+            raise RecipeError(CHANNELS_LAST_FSDP)
         if self.vae.loss not in ("l1", "l2", "l1+l2"):
             raise RecipeError(f"vae.loss: {self.vae.loss!r} is not l1, l2 or l1+l2")
         if not self.init.und_projector_scale > 0:

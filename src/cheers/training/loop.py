@@ -36,7 +36,7 @@ from cheers.models.vae_fast import install_fast_vae
 from cheers.processor import CheersProcessor
 from cheers.training import checkpointing as ckpts
 from cheers.training import distributed as d
-from cheers.training.config import Recipe, RecipeError, dump_recipe
+from cheers.training.config import CHANNELS_LAST_FSDP, Recipe, RecipeError, dump_recipe
 from cheers.training.hooks import Hook, run_hooks
 from cheers.training.monitor import Monitor
 from cheers.training.optim import StepBudget, build_optimizer, build_scheduler, trainable_parameters
@@ -133,7 +133,7 @@ class Trainer:
         install_fast_vae(model)  # the frozen VAE decoders' faster forms (same numbers up to rounding)
         if r.engine.channels_last:
             if info.strategy == "fsdp":
-                raise RecipeError("engine.channels_last works with the single and ddp strategies, not fsdp")
+                raise RecipeError(CHANNELS_LAST_FSDP)
             model.to_channels_last()
         model.train()
         if lora:
