@@ -150,7 +150,7 @@ def test_serve_takes_the_option():
     pytest.importorskip("fastapi")
     from cheers.cli import build_parser
 
-    for value in QUANTIZATIONS:  # serve lists the choices without importing torch: the same ones
+    for value in QUANTIZATIONS:
         assert build_parser().parse_args(["serve", "--quantization", value]).quantization == value
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--quantization", "int3"])

@@ -128,6 +128,31 @@ def test_lr_schedule_warmup_then_constant_or_cosine():
     assert lr_factor(99, total, 0.0, "cosine", min_ratio=0.1) == pytest.approx(0.1)
 
 
+def test_lr_schedule_wsd_holds_then_falls_linearly_over_the_last_steps():
+    total = 100
+    wsd = [lr_factor(s, total, 0.02, "wsd", decay_ratio=0.2) for s in range(total)]
+    assert wsd[:2] == [1 / 3, 2 / 3] and wsd[2:80] == [1.0] * 78  # warm-up, then the stable phase
+    assert wsd[80] == pytest.approx(0.95) and wsd[-1] == pytest.approx(0.0, abs=1e-12)
+    decay = wsd[79:]
+    assert all(a - b == pytest.approx(0.05) for a, b in zip(decay, decay[1:]))  # linear, 20 steps
+    assert lr_factor(99, total, 0.0, "wsd", min_ratio=0.1, decay_ratio=0.5) == pytest.approx(0.1)
+    assert lr_factor(49, total, 0.0, "wsd", min_ratio=0.1, decay_ratio=0.5) == pytest.approx(1.0)
+    assert lr_factor(50, total, 0.0, "wsd", min_ratio=0.1, decay_ratio=0.5) < 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.schedule=linear", "train.schedule: 'linear' is not one of"),
+        ("train.decay_ratio=0", "decay_ratio"),
+        ("train.decay_ratio=0.99", "decay_ratio"),
+    ],
+)
+def test_bad_schedules_are_named(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("tiny-shapes", ["train.schedule=wsd", override] if "decay" in override else [override])
+
+
 def test_step_budget_fits_the_schedule_to_the_clock(monkeypatch):
     """train.minutes: the total is re-fitted from the measured rate, the cosine ends at the deadline."""
     import torch

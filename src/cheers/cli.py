@@ -49,7 +49,7 @@ def load_loras(pipe, loras: list[tuple[str, float]]):
 
 
 def _quantization_arg(p: argparse.ArgumentParser) -> None:
-    from cheers.quantization import QUANTIZATIONS
+    from cheers.choices import QUANTIZATIONS
 
     p.add_argument(
         "--quantization",
@@ -272,7 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _solver_args(p: argparse.ArgumentParser) -> None:
-    from cheers.sampling import SOLVERS
+    from cheers.choices import SOLVERS
 
     p.add_argument(
         "--solver",

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cheers.choices import QUANTIZATIONS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -80,7 +82,7 @@ _SCHEMES = {
         bf16_only=True,
     ),
 }
-QUANTIZATIONS = tuple(_SCHEMES)
+assert tuple(_SCHEMES) == QUANTIZATIONS, "cheers.choices.QUANTIZATIONS names the schemes"
 
 
 def check_quantization(quantization: str | None) -> str | None:

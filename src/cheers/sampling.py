@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from cheers.choices import SOLVERS
 from cheers.flow import time_shift
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 FINAL_STEPS = ("release", "exact")
-SOLVERS = ("euler", "multistep", "heun", "midpoint")
 EVALS_PER_STEP = {"euler": 1, "multistep": 1, "heun": 2, "midpoint": 2}
 EDIT_START_T = 0.1  # the release starts editing from a latent mixed at t = 0.1 ...
 EDIT_STEP_FRACTION = 0.9  # ... and runs int(0.9·S) steps

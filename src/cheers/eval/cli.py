@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from cheers.quantization import QUANTIZATIONS
+    from cheers.choices import QUANTIZATIONS
 
     p.add_argument(
         "--model", default="default", help="checkpoint directory or hub id (default: the bundled model)"

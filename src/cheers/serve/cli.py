@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from cheers.choices import QUANTIZATIONS
 from cheers.cli import add_lora_argument  # light: no torch, no peft
 from cheers.serve.config import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeConfig
 
@@ -124,7 +125,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument(
         "--quantization",
-        choices=("int8", "float8", "int4"),  # cheers.quantization.QUANTIZATIONS; not imported: stays light
+        choices=QUANTIZATIONS,
         default=None,
         help="store the LLM's and flow heads' weights in fewer bits (torchao; default: float): int8 on any "
         "device, float8 on CUDA >= 8.9, int4 on CUDA >= 8.0 with bfloat16",

@@ -31,7 +31,6 @@ from typing import Any
 import yaml
 
 from cheers.dataclass_loader import StrictLoader
-from cheers.flow import sample_t
 from cheers.lora import DEFAULT_TARGETS, LoraSpec
 
 
@@ -104,13 +103,17 @@ class DataSection:
     seed: int = 0
 
 
+SCHEDULES = ("constant", "cosine", "wsd")
+
+
 @dataclass
 class TrainSection:
     trainable: list[str] = field(default_factory=list)  # Cheers.PARAMETER_GROUPS names
     lr: float = 1e-4
-    schedule: str = "constant"  # constant | cosine (both after a linear warm-up)
+    schedule: str = "constant"  # constant | cosine | wsd (all after a linear warm-up)
     warmup_ratio: float = 0.02
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    min_lr_ratio: float = 0.0  # floor of cosine and wsd, as a fraction of lr
+    decay_ratio: float = 0.2  # wsd: the last fraction of steps, over which the lr falls linearly to the floor
     steps: int = 1000  # optimizer steps (the upper bound when minutes is set)
     minutes: float = 0.0  # > 0: fit the run (schedule included) to this many minutes of training steps
     micro_batch: int = 1  # samples per forward, per process
@@ -230,14 +233,19 @@ class Recipe:
                 f"train: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1; got "
                 f"{t.lr}, {t.warmup_ratio}, {t.min_lr_ratio}"
             )
+        if t.schedule == "wsd" and not 0 < t.decay_ratio <= 1 - t.warmup_ratio:
+            raise RecipeError(
+                f"train.decay_ratio: the wsd schedule needs 0 < decay_ratio <= 1 - warmup_ratio "
+                f"({1 - t.warmup_ratio:g}); got {t.decay_ratio}"
+            )
         from cheers.training.optim import check_lr_multipliers  # imports the model (circular at module level)
 
         try:
             check_lr_multipliers(t.lr_multipliers)
         except ValueError as err:
             raise RecipeError(f"train.lr_multipliers: {err}") from None
-        if t.schedule not in ("constant", "cosine"):
-            raise RecipeError(f"train.schedule: {t.schedule!r} is not 'constant' or 'cosine'")
+        if t.schedule not in SCHEDULES:
+            raise RecipeError(f"train.schedule: {t.schedule!r} is not one of {SCHEDULES}")
         if len(t.betas) != 2:
             raise RecipeError(f"train.betas must have two entries, got {t.betas}")
         if not 0 <= d.cfg_dropout <= 1 or not 0 <= d.max_corrupt_fraction <= 1:
@@ -245,6 +253,10 @@ class Recipe:
         ts = d.time_sampling
         if not isinstance(ts, dict) or set(ts) - {"kind", "loc", "scale"}:
             raise RecipeError(f"data.time_sampling: want {{kind, loc, scale}}, got {ts!r}")
+        from cheers.flow import (
+            sample_t,
+        )  # imports torch: not at module level (the CLI's parser reads recipes)
+
         try:
             sample_t(1, **ts)
         except (TypeError, ValueError) as err:

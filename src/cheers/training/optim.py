@@ -62,17 +62,32 @@ def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], train: TrainSecti
     return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps, foreach=False)
 
 
-def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str, min_ratio: float = 0.0) -> float:
+def lr_factor(
+    step: int,
+    total: int,
+    warmup_ratio: float,
+    schedule: str,
+    min_ratio: float = 0.0,
+    decay_ratio: float = 0.2,
+) -> float:
     """Multiplier of the base lr for the update made at optimizer step ``step`` (0-based).
 
     Warm-up rises linearly to 1 over ``ceil(warmup_ratio * total)`` steps (the first update already has a
-    non-zero lr); then ``constant`` stays at 1 and ``cosine`` falls to ``min_ratio`` at the last step.
+    non-zero lr); then ``constant`` stays at 1, ``cosine`` falls to ``min_ratio`` at the last step, and
+    ``wsd`` (warm-up, stable, decay) stays at 1 until the last ``ceil(decay_ratio * total)`` steps, over
+    which it falls linearly to ``min_ratio`` (a constant-lr run that ends annealed).
     """
     warmup = math.ceil(warmup_ratio * total)
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if schedule == "constant":
         return 1.0
+    if schedule == "wsd":
+        decay = max(1, math.ceil(decay_ratio * total))
+        left = total - 1 - step  # updates after this one
+        if left >= decay:
+            return 1.0
+        return min_ratio + (1 - min_ratio) * max(left, 0) / decay
     if schedule != "cosine":
         raise ValueError(f"unknown schedule {schedule!r}")
     progress = (step - warmup) / max(1, total - warmup - 1)
@@ -85,9 +100,10 @@ class _Factor:
     def __init__(self, train: TrainSection) -> None:
         self.total, self.warmup_ratio = train.steps, train.warmup_ratio
         self.schedule, self.min_ratio = train.schedule, train.min_lr_ratio
+        self.decay_ratio = train.decay_ratio
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, self.total, self.warmup_ratio, self.schedule, self.min_ratio)
+        return lr_factor(step, self.total, self.warmup_ratio, self.schedule, self.min_ratio, self.decay_ratio)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> LambdaLR:
