@@ -199,3 +199,32 @@ def test_a_client_killed_mid_request_leaves_the_server_healthy(server, client):
     assert isinstance(out.choices[0].message.content, str)
     metrics = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert "cheers_batch_size_bucket" in metrics and "cheers_requests_total" in metrics
+
+
+def test_the_ray_deployment_hands_ray_a_builder_function(monkeypatch):
+    """Ray's serve.ingress treats only plain functions (inspect.isfunction) as app builders; anything else
+    callable is served as the ASGI app itself (a functools.partial did that: every request failed)."""
+    import inspect
+    import types
+
+    from fastapi import FastAPI
+
+    from cheers.serve.ray_app import build_app
+
+    seen = {}
+
+    def ingress(app):
+        seen["builder"] = app
+        return lambda cls: cls
+
+    def deployment(**options):
+        seen["options"] = options
+        return lambda cls: types.SimpleNamespace(bind=lambda: cls)
+
+    serve = types.SimpleNamespace(ingress=ingress, deployment=deployment)
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(serve=serve))
+    monkeypatch.setitem(sys.modules, "ray.serve", serve)
+    build_app("default", num_replicas=2, ray_actor_options={"num_gpus": 1})
+    assert inspect.isfunction(seen["builder"])
+    assert seen["options"] == {"name": "cheers", "num_replicas": 2, "ray_actor_options": {"num_gpus": 1}}
+    assert isinstance(seen["builder"](), FastAPI)  # the app; its model loads at the replica's startup

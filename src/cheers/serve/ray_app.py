@@ -19,7 +19,6 @@ or with the Ray CLI (keyword arguments as ``key=value``)::
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from cheers.serve.config import ServeConfig
@@ -50,8 +49,12 @@ def build_app(
     from cheers.serve.cli import served_name
 
     config = config or ServeConfig(model_name=served_name(model))
-    # a builder, not an app: each replica builds its own app (and engine) instead of unpickling one
-    builder = functools.partial(_asgi_app, model, config, device, dtype)
+
+    # a builder, not an app: each replica builds its own app (and engine) instead of unpickling one. It must
+    # be a plain function: Ray tells a builder from an ASGI app with inspect.isfunction (a functools.partial
+    # would be called as the app itself, with (scope, receive, send)).
+    def builder() -> Any:
+        return _asgi_app(model, config, device, dtype)
 
     @serve.deployment(name="cheers", num_replicas=num_replicas, ray_actor_options=ray_actor_options or {})
     @serve.ingress(builder)
