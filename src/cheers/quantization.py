@@ -82,7 +82,6 @@ _SCHEMES = {
         bf16_only=True,
     ),
 }
-assert tuple(_SCHEMES) == QUANTIZATIONS, "cheers.choices.QUANTIZATIONS names the schemes"
 
 
 def check_quantization(quantization: str | None) -> str | None:

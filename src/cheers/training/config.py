@@ -253,9 +253,8 @@ class Recipe:
         ts = d.time_sampling
         if not isinstance(ts, dict) or set(ts) - {"kind", "loc", "scale"}:
             raise RecipeError(f"data.time_sampling: want {{kind, loc, scale}}, got {ts!r}")
-        from cheers.flow import (
-            sample_t,
-        )  # imports torch: not at module level (the CLI's parser reads recipes)
+        # imports torch, so not at module level: the CLI's parser reads the packaged recipes' names
+        from cheers.flow import sample_t
 
         try:
             sample_t(1, **ts)
