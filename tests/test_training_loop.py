@@ -10,12 +10,14 @@ import math
 import pytest
 import torch
 
+from cheers.checkpoint import load_state_dict
 from cheers.eval.train_hooks import recipe_hooks, shapes_prompt_gain_fn, shapes_sample_fn, shapes_score_fn
 from cheers.models.cheers import Cheers
 from cheers.models.pretrained import from_pretrained
 from cheers.processor import CheersProcessor
 from cheers.training import checkpointing
-from cheers.training.config import load_recipe
+from cheers.training.config import RecipeError, load_recipe
+from cheers.training.ema import ema_decay
 from cheers.training.hooks import SampleImages, Score
 from cheers.training.loop import Trainer, train
 from cheers.training.monitor import read_metrics
@@ -155,7 +157,6 @@ def test_resume_is_bit_exact(data, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
     sa = checkpointing.latest_checkpoint(tmp_path / "a")
     sb = checkpointing.latest_checkpoint(tmp_path / "b")
-    from cheers.checkpoint import load_state_dict
 
     wa, wb = load_state_dict(sa), load_state_dict(sb)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -198,6 +199,61 @@ def test_a_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch
     resumed = Trainer(recipe, tmp_path / "run", processor=tiny_processor(), resume=True).run()
     assert [h["step"] for h in resumed.history] == [3]
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+
+
+def test_the_weight_average_is_exported_checkpointed_and_resumed_exactly(data, tmp_path):
+    root, files = data
+    recipe = tiny_recipe(
+        root,
+        files,
+        **{
+            "train.steps": 4,
+            "train.ema_decay": 0.6,
+            "checkpoint.every": 1,
+            "checkpoint.keep": 10,
+            "checkpoint.export": True,
+        },
+    )
+    processor = tiny_processor()
+    model = build_model(recipe, processor.special)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    start = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    straight = Trainer(recipe, tmp_path / "a", processor=processor, model=model).run()
+    # the average by hand, from the weights each step's checkpoint holds
+    expected = dict(start)
+    for n in range(4):
+        weights = load_state_dict(tmp_path / "a" / "checkpoints" / checkpointing.step_name(n + 1))
+        decay = ema_decay(0.6, n)
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k].float() for k in names}
+    exported = load_state_dict(straight.export_dir)
+    last = load_state_dict(checkpointing.latest_checkpoint(tmp_path / "a"))
+    for k in names:
+        torch.testing.assert_close(exported[k].float(), expected[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(exported[k], last[k]) for k in names)  # not the last step's weights
+    frozen = [k for k in last if k not in names and k != "lm_head.weight"]  # lm_head: tied to the embeddings
+    assert frozen and all(torch.equal(exported[k], last[k]) for k in frozen)
+    # stopped after two steps and resumed: the same average, to the bit
+    Trainer(recipe, tmp_path / "b", processor=tiny_processor(), stop_after=2).run()
+    resumed = Trainer(recipe, tmp_path / "b", processor=tiny_processor(), resume=True).run()
+    again = load_state_dict(resumed.export_dir)
+    assert all(torch.equal(again[k], exported[k]) for k in exported)
+    state = checkpointing.read_trainer_state(checkpointing.latest_checkpoint(tmp_path / "b"))
+    assert state["ema_updates"] == 4
+
+
+def test_a_checkpoint_without_an_average_starts_it_and_bad_settings_are_named(data, tmp_path, caplog):
+    root, files = data
+    plain = tiny_recipe(root, files, **{"train.steps": 2})
+    Trainer(plain, tmp_path / "run", processor=tiny_processor()).run()
+    averaged = tiny_recipe(root, files, **{"train.steps": 3, "train.ema_decay": 0.9})
+    with caplog.at_level(logging.WARNING, logger="cheers.training.loop"):
+        result = Trainer(averaged, tmp_path / "run", processor=tiny_processor(), resume=True).run()
+    assert result.step == 3 and "holds no weight average" in caplog.text
+    for bad in (1.0, -0.1):
+        with pytest.raises(RecipeError, match="train.ema_decay"):
+            tiny_recipe(root, files, **{"train.ema_decay": bad})
+    with pytest.raises(RecipeError, match="fsdp"):
+        tiny_recipe(root, files, **{"train.ema_decay": 0.99, "engine.strategy": "fsdp"})
 
 
 def test_export_round_trips_through_from_pretrained(data, tmp_path):

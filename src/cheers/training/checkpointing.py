@@ -9,6 +9,7 @@ Layout of ``<run>/checkpoints``::
                               a LoRA run: the adapter tensors only (the frozen base comes from the recipe)
         optimizer.pt          one process / DDP: the optimizer state (tensors and numbers; loaded
                               weights_only)
+        ema.safetensors       with train.ema_decay: the average of the trainable weights, float32, by name
         dcp/                  FSDP2: model (a LoRA run: trainable tensors only) + optimizer, sharded
                               (torch.distributed.checkpoint)
         rng/rank-00000.pt     python, numpy, torch (and CUDA) generator states of every process
@@ -29,6 +30,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +120,13 @@ def save_checkpoint(
     keep: int = 2,
     max_shard_size: str = "5GB",
     trainable_only: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` (collective under FSDP: every process calls it). Returns its path.
 
     ``trainable_only`` (LoRA runs) stores only the tensors that require grad: the frozen rest is rebuilt from
-    the recipe on resume.
+    the recipe on resume. ``extra`` writes more files into the checkpoint being assembled (rank 0 calls it,
+    before the checkpoint is published), e.g. the weight average.
     """
     root = checkpoints_dir(run_dir)
     final = root / step_name(step)
@@ -145,6 +149,8 @@ def save_checkpoint(
             tensors = trainable_state(model) if trainable_only else model.state_dict()
             ckpt.save_state_dict(tensors, tmp, max_shard_size=max_shard_size)
             _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
+        if extra is not None and info.is_main:
+            extra(tmp)
         _torch_save(capture_rng(), tmp / "rng" / f"rank-{info.rank:05d}.pt")
         barrier(info)
         if info.is_main:

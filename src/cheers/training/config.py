@@ -126,6 +126,9 @@ class TrainSection:
     eps: float = 1e-8
     grad_clip: float = 1.0
     flow_loss_weight: float = 1.0  # lambda in L_AR + lambda * L_FM
+    # > 0: keep an exponential moving average of the trainable weights (e.g. 0.999), checkpoint it and export
+    # it instead of the last step's weights; not the release's recipe (cheers.training.ema)
+    ema_decay: float = 0.0
     seed: int = 0
     max_nonfinite_steps: int = (
         5  # consecutive NaN/inf steps (each skipped) before the run stops with an error
@@ -237,6 +240,13 @@ class Recipe:
             raise RecipeError(
                 f"train.decay_ratio: the wsd schedule needs 0 < decay_ratio <= 1 - warmup_ratio "
                 f"({1 - t.warmup_ratio:g}); got {t.decay_ratio}"
+            )
+        if not 0 <= t.ema_decay < 1:
+            raise RecipeError(f"train.ema_decay must be in [0, 1) (0: no average), got {t.ema_decay}")
+        if t.ema_decay > 0 and e.strategy == "fsdp":
+            raise RecipeError(
+                "train.ema_decay is not supported with engine.strategy fsdp yet (the average would have to "
+                "be sharded like the weights); use ddp or single, or set train.ema_decay: 0"
             )
         from cheers.training.optim import check_lr_multipliers  # imports the model (circular at module level)
 

@@ -37,6 +37,8 @@ from cheers.processor import CheersProcessor
 from cheers.training import checkpointing as ckpts
 from cheers.training import distributed as d
 from cheers.training.config import CHANNELS_LAST_FSDP, Recipe, RecipeError, dump_recipe
+from cheers.training.ema import FILE as EMA_FILE
+from cheers.training.ema import WeightEMA
 from cheers.training.hooks import Hook, run_hooks
 from cheers.training.monitor import Monitor
 from cheers.training.optim import StepBudget, build_optimizer, build_scheduler, trainable_parameters
@@ -246,6 +248,12 @@ class Trainer:
         params = [p for _, p in trainable_parameters(model)]
         optimizer = build_optimizer(trainable_parameters(model), t)
         scheduler = build_scheduler(optimizer, t)
+        if t.ema_decay > 0 and info.strategy == "fsdp":  # engine.strategy auto on several processes
+            raise RecipeError(
+                "train.ema_decay is not supported with FSDP2 yet (engine.strategy auto chose fsdp for "
+                f"{info.world_size} processes): set engine.strategy: ddp, or train.ema_decay: 0"
+            )
+        ema = WeightEMA(trainable_parameters(model), t.ema_decay) if t.ema_decay > 0 else None
         tracker = CorruptTracker()
         start = 0
         # 6. resume
@@ -267,6 +275,10 @@ class Trainer:
                 )
             start = int(state["step"])
             tracker.load_state_dict(state["data"]["corrupt"])
+            if ema is not None and (resume_from / EMA_FILE).is_file():
+                ema.load(resume_from, state.get("ema_updates", 0))
+            elif ema is not None:
+                logger.warning("%s holds no weight average: the EMA starts from its weights", resume_from)
         elif self.resume:
             logger.info("no checkpoint in %s: starting from scratch", self.run_dir)
         # 7. data
@@ -310,6 +322,8 @@ class Trainer:
                 metrics = self._step(
                     module, batches, accumulation, params, optimizer, scheduler, tracker, info, autocast
                 )
+                if ema is not None:
+                    ema.update()
                 done = step = step + 1
                 if budget is not None:  # the run's length is what the budget fits (export and resume read it)
                     t.steps = budget.update(done)
@@ -336,6 +350,8 @@ class Trainer:
                         "samples_seen": done * t.global_batch,
                         "data": {"seed": r.data.seed, "corrupt": tracker.state_dict()},
                     }
+                    if ema is not None:
+                        trainer_state["ema_updates"] = ema.updates
                     ckpts.save_checkpoint(
                         self.run_dir,
                         done,
@@ -347,6 +363,7 @@ class Trainer:
                         keep=r.checkpoint.keep,
                         max_shard_size=r.checkpoint.max_shard_size,
                         trainable_only=r.lora is not None,
+                        extra=ema.save if ema is not None else None,
                     )
                 result.step = done
         finally:
@@ -354,7 +371,15 @@ class Trainer:
         if budget is not None and info.is_main:
             logger.info("time budget of %.1f min: trained to step %d", t.minutes, result.step)
             (self.run_dir / "recipe.yaml").write_text(dump_recipe(r))  # with the fitted train.steps
-        # 9. export (a LoRA run: its adapter only, in peft's layout; the base is the recipe's starting point)
+        # 9. export (a LoRA run: its adapter only, in peft's layout; the base is the recipe's starting point);
+        # with train.ema_decay, the weight average
+        averaged = ema.applied() if ema is not None else contextlib.nullcontext()
+        with averaged:
+            self._export(module, info, result)
+        return result
+
+    def _export(self, module, info: d.DistInfo, result: TrainResult) -> None:
+        r, t = self.recipe, self.recipe.train
         if r.checkpoint.export and result.step == t.steps and r.lora is not None:
             adapter = self.run_dir / "adapter"
             base = r.init.from_release or r.model.preset
@@ -366,7 +391,6 @@ class Trainer:
             if info.is_main:
                 self.processor.save_pretrained(export)
                 result.export_dir = export
-        return result
 
     def _step(
         self,
