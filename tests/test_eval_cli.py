@@ -131,6 +131,7 @@ def test_eval_dpg_and_shapes(model_dir, tmp_path, capsys):
                 "2",
                 "--times",
                 "0.5",
+                "--noise",
                 "--out",
                 str(gain_file),
                 "--quiet",
@@ -138,8 +139,10 @@ def test_eval_dpg_and_shapes(model_dir, tmp_path, capsys):
         )
         == 0
     )
-    assert "relative prompt gain" in capsys.readouterr().out
-    assert json.loads(gain_file.read_text())["times"] == [0.5]
+    printed = capsys.readouterr().out
+    assert "relative prompt gain" in printed and "noise read" in printed
+    numbers = json.loads(gain_file.read_text())
+    assert numbers["times"] == [0.5] and numbers["noise_readout"]["times"] == [0.0, 0.5]
     with pytest.raises(SystemExit, match="--times"):
         main(["eval", "prompt-gain", "--model", model_dir, "--times", "half"])
     assert json.loads((tmp_path / "sb" / "shapes_bench.json").read_text())["vqa"]["n_scenes"] == 1

@@ -97,3 +97,39 @@ def test_bad_inputs_are_named(parts):
     images = und.pop("images")
     with pytest.raises(ValueError, match="text-to-image"):
         prompt_gain(model, processor, [records[0], (und, images)])
+
+
+def _velocity_as(model, monkeypatch, make):
+    """Make ``model``'s predicted velocity ``make(z1, x0)`` (both (n, C, h, w)), whatever it computed."""
+    from einops import rearrange
+
+    forward = type(model).forward
+
+    def patched(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        x0 = kwargs["x0"].float()
+        grid = x0.shape[-1]
+        z1 = rearrange(out.target_velocity.float(), "n (h w) c -> n c h w", h=grid) + x0
+        out.pred_velocity = make(z1, x0)
+        return out
+
+    monkeypatch.setattr(type(model), "forward", patched)
+
+
+def test_the_noise_readout_is_one_for_the_exact_velocity_and_zero_for_a_noise_blind_one(parts, monkeypatch):
+    from cheers.eval.conditioning import noise_readout
+
+    model, processor, records = parts
+    records = records[:2]
+    with monkeypatch.context() as m:
+        _velocity_as(model, m, lambda z1, x0: z1 - x0)
+        exact = noise_readout(model, processor, records, TIMES)
+    assert exact.noise == pytest.approx((1.0, 1.0)) and exact.clean == pytest.approx((1.0, 1.0))
+    with monkeypatch.context() as m:
+        _velocity_as(model, m, lambda z1, x0: 0.9 * z1)  # what a generator that cannot see z_t's noise gives
+        blind = noise_readout(model, processor, records, TIMES)
+    assert max(abs(v) for v in blind.noise) < 0.1 and blind.clean == pytest.approx((0.9, 0.9), abs=1e-4)
+    assert blind.n == 2 and "noise read" in blind.table()
+    json.dumps(blind.as_dict())
+    with pytest.raises(ValueError, match="times"):
+        noise_readout(model, processor, records, (1.0,))

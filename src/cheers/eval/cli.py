@@ -226,7 +226,7 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_prompt_gain(args: argparse.Namespace) -> int:
-    from .conditioning import object_prompt_gain, prompt_gain, shapes_generation_records
+    from .conditioning import noise_readout, object_prompt_gain, prompt_gain, shapes_generation_records
     from .runner import write_text_atomic
 
     try:
@@ -249,8 +249,19 @@ def cmd_prompt_gain(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
         )
     print(result.table())
+    numbers = result.as_dict()
+    if args.noise:
+        noise = noise_readout(
+            pipe.model,
+            pipe.processor,
+            shapes_generation_records(args.n, args.split),
+            (0.0, *times) if 0.0 not in times else times,
+            batch_size=args.batch_size,
+        )
+        print(noise.table())
+        numbers["noise_readout"] = noise.as_dict()
     if args.out:
-        write_text_atomic(Path(args.out), json.dumps(result.as_dict(), indent=1) + "\n")
+        write_text_atomic(Path(args.out), json.dumps(numbers, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 
@@ -470,6 +481,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     c.add_argument("--split", choices=("val", "test"), default="val")
     c.add_argument("--times", default="0.1,0.3,0.5,0.7,0.9", help="flow times (0 = noise), comma-separated")
     c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument(
+        "--noise",
+        action="store_true",
+        help="also the noise readout: how much of the -x0 part of the velocity the model predicts (1 ideal; "
+        "near 0, sampling leaves the starting noise in the image)",
+    )
     c.add_argument("--out", "-o", default=None, help="also write the numbers as JSON here")
     _model_args(c)
     c.set_defaults(func=cmd_prompt_gain)

@@ -185,3 +185,80 @@ def prompt_gain(
     return PromptGain(
         tuple(float(t) for t in times), *(tuple(float(v) for v in row) for row in means), n=len(own)
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseReadout:
+    """How the predicted velocity ``v`` splits over the target ``u = z1 - x0``, per flow time.
+
+    ``v ≈ clean·z1 − noise·x0`` fitted by least squares over all elements (both 1 for the exact velocity). The
+    Euler sampler
+    removes the starting noise only through the −x0 part of ``v``: a model with ``noise`` near 0 ends its ODE
+    with most of that noise still in the latent (mottled, speckled images), however well it reads its prompt.
+    The generator sees z_t only through the pixels the projector decoder makes of it, so ``noise`` measures
+    whether those pixels carry z_t (docs/tiny-model.md, "The noise the generator cannot see")."""
+
+    times: tuple[float, ...]
+    noise: tuple[float, ...]
+    clean: tuple[float, ...]
+    n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        rows = ["| t | noise read (1 ideal) | image read (1 ideal) |", "|---:|---:|---:|"]
+        rows += [f"| {t:.2f} | {a:+.3f} | {b:+.3f} |" for t, a, b in zip(self.times, self.noise, self.clean)]
+        return "\n".join(rows)
+
+
+@torch.no_grad()
+def noise_readout(
+    model: Cheers,
+    processor: CheersProcessor,
+    records: Sequence[tuple[dict, list]],
+    times: Sequence[float] = DEFAULT_TIMES,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> NoiseReadout:
+    """:class:`NoiseReadout` of ``model`` on generation ``records`` (own prompts; one noise draw per time)."""
+    from einops import rearrange
+
+    if not records:
+        raise ValueError("need at least one record")
+    if not times or not all(0 <= t < 1 for t in times):
+        raise ValueError(f"times must be a non-empty list in [0, 1), got {list(times)}")
+    cfg = model.config
+    grid = cfg.image_size // cfg.patch_size
+    shape = (cfg.latent_channels, grid, grid)
+    builder = SampleBuilder(processor, shape, cfg_dropout=0.0)
+    samples = [builder(rec, images, seed + i) for i, (rec, images) in enumerate(records)]
+    if any(s.task != "generation" for s in samples):
+        raise ValueError(
+            "every record must be a text-to-image sample (one <image_gen> image, no input image)"
+        )
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    sums = np.zeros((5, len(times)))  # <v, z1>, <v, x0>, <z1, z1>, <z1, x0>, <x0, x0>
+    try:
+        for start in range(0, len(samples), batch_size):
+            batch = collate(samples[start : start + batch_size], processor.special.pad).to(device)
+            for j, t in enumerate(times):
+                batch.t = torch.full_like(batch.t, float(t))
+                batch.x0 = torch.randn((len(batch),) + shape, generator=generator).to(device)
+                out = model(**batch.model_inputs())
+                v = out.pred_velocity.float()
+                x0 = batch.x0.float()
+                z1 = rearrange(out.target_velocity.float(), "n (h w) c -> n c h w", h=grid) + x0
+                pairs = ((v, z1), (v, x0), (z1, z1), (z1, x0), (x0, x0))
+                sums[:, j] += [float((a * b).sum()) for a, b in pairs]
+    finally:
+        model.train(was_training)
+    clean, noise = [], []
+    for vz, vx, zz, zx, xx in sums.T:  # the normal equations of v ≈ a·z1 + b·x0
+        a, b = np.linalg.solve([[zz, zx], [zx, xx]], [vz, vx])
+        clean.append(float(a))
+        noise.append(float(-b))
+    return NoiseReadout(tuple(float(t) for t in times), tuple(noise), tuple(clean), len(samples))

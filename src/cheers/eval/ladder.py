@@ -45,7 +45,7 @@ from cheers.data.shapes.ladder import (
     zoom_factor,
 )
 from cheers.data.shapes.prompts import GEN_SUFFIX
-from cheers.eval.conditioning import PromptGain, prompt_gain
+from cheers.eval.conditioning import PromptGain, noise_readout, prompt_gain
 from cheers.eval.runner import write_text_atomic
 from cheers.flow import flow_loss, interpolate, velocity_target
 from cheers.models.cheers import Cheers
@@ -91,6 +91,10 @@ class LadderConfig:
     hfi: bool = True  # the HiGate path (options.high_frequency_injection)
     # per-group lr factors as the trainer's train.lr_multipliers, e.g. {"und_projector": 0.1} (the fix of #18)
     lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
+    # the Cheers groups trained; the release's stages II-IV also train pixel_decoder (the projector decoder
+    # that turns z_t into the pixels the ViT and the HFI see): frozen, the generator cannot read the noise in
+    # z_t back (docs/tiny-model.md, "The noise the generator cannot see")
+    trainable: tuple[str, ...] = ("vision_encoder", "und_projector", "llm", "flow_head", "hfi_gate")
     precision: str = "float32"  # float32 | bf16 (CPU/GPU autocast, as the trainer's precision: auto picks it)
     control: bool = True
     warmup_rung: str | None = None  # curriculum: the first warmup_steps steps train on this rung instead
@@ -124,6 +128,11 @@ class LadderConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         check_lr_multipliers(self.lr_multipliers)
+        self.trainable = tuple(self.trainable)
+        unknown = sorted(set(self.trainable) - set(Cheers.PARAMETER_GROUPS))
+        if unknown or not self.trainable:
+            known = sorted(Cheers.PARAMETER_GROUPS)
+            raise ValueError(f"trainable: unknown or no groups {unknown}; known: {known}")
         self.gain_times = tuple(float(t) for t in self.gain_times)
 
     @property
@@ -179,7 +188,8 @@ def by_background(samples: list[RungSample]) -> list[list[RungSample]]:
 
 
 def build_cheers(cfg: LadderConfig) -> tuple[Cheers, CheersProcessor]:
-    """A fresh Cheers of ``cfg.scale`` with the base model's frozen VAE and pixel decoder; the rest random."""
+    """A fresh Cheers of ``cfg.scale`` with the base model's VAE and pixel decoder (trained only when
+    ``cfg.trainable`` names them); the rest random."""
     directory = default_model_dir() if cfg.model == "default" else resolve_checkpoint_dir(cfg.model)
     base = from_pretrained(directory, dtype=torch.float32, device=torch.device("cpu"))
     processor = CheersProcessor.from_pretrained(directory, image_size=cfg.resolution)
@@ -198,8 +208,8 @@ def build_cheers(cfg: LadderConfig) -> tuple[Cheers, CheersProcessor]:
                     module.weight.normal_(0.0, float(cfg.llm_init_std))
     frozen = ("model.vae_model.", "model.vae_decoder_projector.")
     model.load_state_dict({k: v for k, v in base.state_dict().items() if k.startswith(frozen)}, strict=False)
-    model.set_trainable(["vision_encoder", "und_projector", "llm", "flow_head", "hfi_gate"])
-    install_fast_vae(model)  # the frozen decoders' faster forms, for training and sampling alike
+    model.set_trainable(list(cfg.trainable))
+    install_fast_vae(model)  # the decoders' faster forms for sampling (training runs the reference layers)
     return model, processor
 
 
@@ -502,6 +512,10 @@ def evaluate(cfg: LadderConfig, trained: dict[str, Any]) -> dict[str, Any]:
         images,
         latents,
     )
+    # the control sees z_t itself; Cheers sees it through the projector decoder's pixels
+    results["cheers"]["noise_readout"] = noise_readout(
+        model, processor, records(samples), cfg.gain_times, batch_size=12
+    ).as_dict()
     if control is not None:
         cgain = control_prompt_gain(control, vae, processor, samples, cfg.gain_times, shape)
         cimages, clatents = control_images(
@@ -558,6 +572,20 @@ def markdown(cfg: LadderConfig, results: dict[str, Any]) -> str:
                 g = results[n]["prompt_gain"]
                 cells += [f"{g['own'][j]:.4f}", f"{g['other'][j]:.4f}"]
         lines.append(f"| {t:.2f} | " + " | ".join(cells) + " |")
+    noise = results.get("cheers", {}).get("noise_readout")
+    if noise:
+        lines += [
+            "",
+            "Noise readout of Cheers (its velocity ≈ clean·z1 − noise·x0, least squares; both 1 ideal; the "
+            "Euler sampler removes the starting noise only through the x0 part):",
+            "",
+            "| t | noise read | image read |",
+            "|---:|---:|---:|",
+            *(
+                f"| {t:.2f} | {a:+.3f} | {b:+.3f} |"
+                for t, a, b in zip(noise["times"], noise["noise"], noise["clean"])
+            ),
+        ]
     defaults = LadderConfig()
     overrides = {
         f.name: getattr(cfg, f.name)
