@@ -130,6 +130,29 @@ def object_prompt_gain(
     )
 
 
+def _generation_samples(
+    model: Cheers,
+    processor: CheersProcessor,
+    records: Sequence[tuple[dict, list]],
+    times: Sequence[float],
+    seed: int,
+    cfg_dropout: float = 0.0,
+) -> tuple[tuple[int, int, int], list]:
+    """(latent shape, training samples) of text-to-image ``records``; raises on bad times or other tasks."""
+    if not times or not all(0 <= t < 1 for t in times):
+        raise ValueError(f"times must be a non-empty list in [0, 1), got {list(times)}")
+    cfg = model.config
+    grid = cfg.image_size // cfg.patch_size
+    shape = (cfg.latent_channels, grid, grid)
+    builder = SampleBuilder(processor, shape, cfg_dropout=cfg_dropout)
+    samples = [builder(rec, images, seed + i) for i, (rec, images) in enumerate(records)]
+    if any(s.task != "generation" for s in samples):
+        raise ValueError(
+            "every record must be a text-to-image sample (one <image_gen> image, no input image)"
+        )
+    return shape, samples
+
+
 @torch.no_grad()
 def prompt_gain(
     model: Cheers,
@@ -148,19 +171,8 @@ def prompt_gain(
     """
     if len(records) < 2:
         raise ValueError(f"need at least 2 records to swap prompts between, got {len(records)}")
-    if not times or not all(0 <= t < 1 for t in times):
-        raise ValueError(f"times must be a non-empty list in [0, 1), got {list(times)}")
-    cfg = model.config
-    grid = cfg.image_size // cfg.patch_size
-    shape = (cfg.latent_channels, grid, grid)
-    own_builder = SampleBuilder(processor, shape, cfg_dropout=0.0)
-    uncond_builder = SampleBuilder(processor, shape, cfg_dropout=1.0)
-    own = [own_builder(rec, images, seed + i) for i, (rec, images) in enumerate(records)]
-    if any(s.task != "generation" for s in own):
-        raise ValueError(
-            "every record must be a text-to-image sample (one <image_gen> image, no input image)"
-        )
-    uncond = [uncond_builder(rec, images, seed + i) for i, (rec, images) in enumerate(records)]
+    _, own = _generation_samples(model, processor, records, times, seed)
+    _, uncond = _generation_samples(model, processor, records, times, seed, cfg_dropout=1.0)
     rolled = [
         dataclasses.replace(
             s, input_ids=own[(i + 1) % len(own)].input_ids, labels=own[(i + 1) % len(own)].labels
@@ -226,17 +238,8 @@ def noise_readout(
 
     if not records:
         raise ValueError("need at least one record")
-    if not times or not all(0 <= t < 1 for t in times):
-        raise ValueError(f"times must be a non-empty list in [0, 1), got {list(times)}")
-    cfg = model.config
-    grid = cfg.image_size // cfg.patch_size
-    shape = (cfg.latent_channels, grid, grid)
-    builder = SampleBuilder(processor, shape, cfg_dropout=0.0)
-    samples = [builder(rec, images, seed + i) for i, (rec, images) in enumerate(records)]
-    if any(s.task != "generation" for s in samples):
-        raise ValueError(
-            "every record must be a text-to-image sample (one <image_gen> image, no input image)"
-        )
+    shape, samples = _generation_samples(model, processor, records, times, seed)
+    grid = shape[-1]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
