@@ -21,6 +21,7 @@ from cheers.training.ema import ema_decay
 from cheers.training.hooks import SampleImages, Score
 from cheers.training.loop import Trainer, train
 from cheers.training.monitor import read_metrics
+from cheers.training.optim import lr_factor
 from cheers.training.parts import build_model
 from test_training_fixtures import SIZE, one_thread, tiny_processor, tiny_recipe, write_data  # noqa: F401
 
@@ -160,6 +161,23 @@ def test_resume_is_bit_exact(data, tmp_path):
 
     wa, wb = load_state_dict(sa), load_state_dict(sb)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_resumed_run_follows_a_longer_schedule_and_a_new_lr_from_the_recipe(data, tmp_path, caplog):
+    root, files = data
+    sets = {"train.steps": 4, "train.warmup_ratio": 0.25, "train.schedule": "wsd", "train.decay_ratio": 0.5}
+    first = Trainer(tiny_recipe(root, files, **sets), tmp_path / "run", processor=tiny_processor()).run()
+    assert first.history[-1]["lr"] == pytest.approx(1e-3 * lr_factor(3, 4, 0.25, "wsd", 0.0, 0.5))
+    # extended to 10 steps at twice the lr: without the recipe's schedule the run would go on at lr 0
+    longer = tiny_recipe(root, files, **{**sets, "train.steps": 10, "train.lr": 2e-3})
+    with caplog.at_level(logging.WARNING, logger="cheers.training.loop"):
+        second = Trainer(longer, tmp_path / "run", processor=tiny_processor(), resume=True).run()
+    assert [h["step"] for h in second.history] == [5, 6, 7, 8, 9, 10]
+    expected = [2e-3 * lr_factor(s, 10, 0.25, "wsd", 0.0, 0.5) for s in range(4, 10)]
+    assert [h["lr"] for h in second.history] == pytest.approx(expected)
+    assert expected[0] == pytest.approx(2e-3) and expected[-1] < expected[0]
+    assert "changes the lr schedule" in caplog.text and "total 4 -> 10" in caplog.text
+    assert "lr 0.001 -> 0.002" in caplog.text
 
 
 def test_channels_last_trains_the_same_numbers_and_resumes(data, tmp_path):

@@ -41,7 +41,13 @@ from cheers.training.ema import FILE as EMA_FILE
 from cheers.training.ema import WeightEMA
 from cheers.training.hooks import Hook, run_hooks
 from cheers.training.monitor import Monitor
-from cheers.training.optim import StepBudget, build_optimizer, build_scheduler, trainable_parameters
+from cheers.training.optim import (
+    StepBudget,
+    build_optimizer,
+    build_scheduler,
+    follow_recipe_schedule,
+    trainable_parameters,
+)
 from cheers.training.parts import build_model, build_processor, model_config
 from cheers.training.stages import log_deviations
 
@@ -248,6 +254,7 @@ class Trainer:
         params = [p for _, p in trainable_parameters(model)]
         optimizer = build_optimizer(trainable_parameters(model), t)
         scheduler = build_scheduler(optimizer, t)
+        recipe_lrs = list(scheduler.base_lrs)
         if t.ema_decay > 0 and info.strategy == "fsdp":  # engine.strategy auto on several processes
             raise RecipeError(
                 "train.ema_decay is not supported with FSDP2 yet (engine.strategy auto chose fsdp for "
@@ -274,6 +281,14 @@ class Trainer:
                     r.data.seed,
                 )
             start = int(state["step"])
+            changed = follow_recipe_schedule(optimizer, scheduler, t, recipe_lrs)
+            if changed:
+                logger.warning(
+                    "the recipe changes the lr schedule of %s (%s): from step %d it follows the recipe",
+                    resume_from,
+                    "; ".join(changed),
+                    start + 1,
+                )
             tracker.load_state_dict(state["data"]["corrupt"])
             if ema is not None and (resume_from / EMA_FILE).is_file():
                 ema.load(resume_from, state.get("ema_updates", 0))

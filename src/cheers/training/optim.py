@@ -1,5 +1,5 @@
-"""AdamW over the trainable groups and the learning-rate schedule (linear warm-up, then constant or
-cosine)."""
+"""AdamW over the trainable groups and the learning-rate schedule (linear warm-up, then constant, cosine
+or wsd)."""
 
 from __future__ import annotations
 
@@ -108,6 +108,50 @@ class _Factor:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> LambdaLR:
     return LambdaLR(optimizer, _Factor(train))
+
+
+def follow_recipe_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    train: TrainSection,
+    base_lrs: list[float],
+) -> list[str]:
+    """After a resume, make the schedule the recipe's again where the recipe changed it.
+
+    A checkpoint restores the schedule it was saved with (its total steps, shape and base lrs, through the
+    scheduler's and the optimizer's state), so without this a run extended with ``--set train.steps=N
+    --resume`` would go on at the old schedule's end (lr 0 after a cosine or wsd decay), and a new
+    ``train.lr`` would be ignored. The step reached is kept; what the recipe says of the schedule (steps,
+    kind, warm-up, decay, floor, per-group base lrs ``base_lrs`` as built from it) replaces the saved one,
+    and the lr of the next update is set from it. With ``train.minutes`` the total steps are the budget's
+    fit and stay as saved. Returns the changes (empty when the checkpoint already follows the recipe, so
+    that an unchanged resume stays exact).
+    """
+    wanted = _Factor(train)
+    changes = []
+    for i, saved in enumerate(scheduler.lr_lambdas):
+        for key, value in vars(wanted).items():
+            if key == "total" and train.minutes > 0:
+                continue
+            old = getattr(saved, key, None)
+            if old != value:
+                changes.append(f"{key} {old} -> {value}" + (f" (group {i})" if i else ""))
+        if not math.isclose(scheduler.base_lrs[i], base_lrs[i], rel_tol=1e-9, abs_tol=0.0):
+            changes.append(f"group {i} lr {scheduler.base_lrs[i]:g} -> {base_lrs[i]:g}")
+    if not changes:
+        return []
+    step = scheduler.last_epoch
+    lrs = []
+    for i, (saved, group) in enumerate(zip(scheduler.lr_lambdas, optimizer.param_groups, strict=True)):
+        factor = _Factor(train)
+        if train.minutes > 0:
+            factor.total = saved.total
+        scheduler.lr_lambdas[i] = factor
+        scheduler.base_lrs[i] = group["initial_lr"] = base_lrs[i]
+        group["lr"] = base_lrs[i] * factor(step)
+        lrs.append(group["lr"])
+    scheduler._last_lr = lrs
+    return sorted(set(changes), key=changes.index)
 
 
 class StepBudget:
