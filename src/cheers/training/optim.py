@@ -129,15 +129,15 @@ def follow_recipe_schedule(
     """
     wanted = _Factor(train)
     changes = []
-    for i, saved in enumerate(scheduler.lr_lambdas):
-        for key, value in vars(wanted).items():
-            if key == "total" and train.minutes > 0:
-                continue
-            old = getattr(saved, key, None)
-            if old != value:
-                changes.append(f"{key} {old} -> {value}" + (f" (group {i})" if i else ""))
-        if not math.isclose(scheduler.base_lrs[i], base_lrs[i], rel_tol=1e-9, abs_tol=0.0):
-            changes.append(f"group {i} lr {scheduler.base_lrs[i]:g} -> {base_lrs[i]:g}")
+    for key, value in vars(wanted).items():  # every group has the same schedule
+        if key == "total" and train.minutes > 0:
+            continue
+        old = {getattr(saved, key, None) for saved in scheduler.lr_lambdas}
+        if old != {value}:
+            changes.append(f"{key} {'/'.join(map(str, sorted(old, key=str)))} -> {value}")
+    for i, (old, new) in enumerate(zip(scheduler.base_lrs, base_lrs, strict=True)):
+        if not math.isclose(old, new, rel_tol=1e-9, abs_tol=0.0):
+            changes.append(f"group {i} lr {old:g} -> {new:g}")
     if not changes:
         return []
     step = scheduler.last_epoch
@@ -151,7 +151,7 @@ def follow_recipe_schedule(
         group["lr"] = base_lrs[i] * factor(step)
         lrs.append(group["lr"])
     scheduler._last_lr = lrs
-    return sorted(set(changes), key=changes.index)
+    return changes
 
 
 class StepBudget:
