@@ -190,3 +190,35 @@ def test_pipeline_defaults_call_kwargs_and_cli(tmp_path, capsys):
     assert "guidance_interval" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "red", "--solver", "rk4"])
+
+
+def test_the_prefix_image_follows_the_models_defaults(tmp_path):
+    """A model trained without the release's noise prefix image declares ``prefix_image: null`` in its
+    sampling_defaults.json; calls that do not say follow it, explicit arguments win."""
+    from cheers.pipeline import CheersPipeline
+
+    from model_helpers import save_pipeline
+
+    kw = dict(num_inference_steps=2, guidance_scale=2.0, output_type="pt", height=64, width=64)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    directory = save_pipeline(tiny_pipeline(seed=5), tmp_path / "tiny")
+    release = CheersPipeline.from_pretrained(directory, device="cpu", progress=False)
+    assert release.defaults.prefix_image == "dummy"  # no word from the checkpoint: the release's behaviour
+    dummy = release.generate("red", generator=gen(), **kw)
+    (directory / "sampling_defaults.json").write_text(json.dumps({"prefix_image": None}))
+    bare = CheersPipeline.from_pretrained(directory, device="cpu", progress=False)
+    assert bare.defaults.prefix_image is None
+    default = bare.generate("red", generator=gen(), **kw)
+    explicit_none = bare.generate("red", generator=gen(), prefix_image=None, **kw)
+    explicit_dummy = bare.generate("red", generator=gen(), prefix_image="dummy", **kw)
+    assert dummy.settings["prefix_image"] == "dummy" and default.settings["prefix_image"] is None
+    assert torch.equal(default.images[0], explicit_none.images[0])
+    assert torch.equal(explicit_dummy.images[0], dummy.images[0])
+    assert not torch.equal(default.images[0], dummy.images[0])  # the prefix image is seen by the model
+    question = [{"role": "user", "content": "red?"}]
+    assert (
+        bare.chat(question, max_new_tokens=2).texts
+        == bare.chat(question, max_new_tokens=2, prefix_image=None).texts
+    )
+    with pytest.raises(ValueError, match="prefix_image"):
+        SamplingDefaults(prefix_image="noise")

@@ -50,12 +50,26 @@ class SamplingDefaults:
     solver: str = "euler"  # the flow ODE solver (cheers.sampling.SOLVERS); "euler" is the release's
     # guide only for t in [t_lo, t_hi] (the unconditional branch is skipped elsewhere); None: at every step
     guidance_interval: tuple[float, float] | None = None
+    # what a prompt without an image gets in front: "dummy" (the release: a random-noise image) or None (no
+    # image: for a model trained without it, such as the bundled one, whose rows never had one)
+    prefix_image: str | None = "dummy"
 
     def __post_init__(self) -> None:
         check_solver(self.solver)
+        if self.prefix_image not in ("dummy", None):
+            raise ValueError(f'prefix_image must be "dummy" or null, got {self.prefix_image!r}')
         self.guidance_interval = check_guidance_interval(
             self.guidance_interval
         )  # a JSON list becomes a tuple
+
+
+class _ModelDefault:
+    def __repr__(self) -> str:
+        return "MODEL_DEFAULT"
+
+
+MODEL_DEFAULT: Any = _ModelDefault()
+"""Marks an argument whose value comes from the model's :class:`SamplingDefaults`."""
 
 
 def format_prompt(template: str, prompt: str) -> str:
@@ -192,7 +206,7 @@ class CheersPipeline:
         callback_on_step_end: Callable[[int, float, torch.Tensor], None] | None = None,
         return_hfi_maps: bool = False,
         final_step: str = "release",
-        prefix_image: str | None = "dummy",
+        prefix_image: str | None = MODEL_DEFAULT,
         solver: str | None = None,
         guidance_interval: tuple[float, float] | None = None,
     ) -> ImagePipelineOutput:
@@ -212,7 +226,8 @@ class CheersPipeline:
             callback_on_step_end: ``f(step, t, latent)`` after each step.
             return_hfi_maps: also return the HFI gate maps of every step.
             final_step: "release" (overshoot by 1/S as released) or "exact" (stop at t = 1).
-            prefix_image: "dummy" (the release's random-noise prefix image) or None.
+            prefix_image: "dummy" (the release's random-noise prefix image) or None (no image); default: the
+                model's ``SamplingDefaults`` ("dummy" unless its ``sampling_defaults.json`` says otherwise).
             solver: "euler" (the release's), "multistep" (2nd order, same cost), "heun" or "midpoint" (2nd
                 order, 2S − 1 evaluations); default: the model's ``SamplingDefaults``.
             guidance_interval: ``(t_lo, t_hi)``: guide only there (the unconditional branch is skipped
@@ -231,6 +246,7 @@ class CheersPipeline:
         n = len(expanded)
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} images")
+        prefix_image = self._prefix_image(prefix_image)
         # 2. encode prompts (the release's chat template, then <im_start>)
         template = self.defaults.prompt_template
         inputs = self._encode(
@@ -279,6 +295,7 @@ class CheersPipeline:
             height=grid[0] * self._patch,
             width=grid[1] * self._patch,
             negative_prompt=negative_prompt,
+            prefix_image=prefix_image,
         )
         maps = [out.gates[i][0] for i in range(n)] if return_hfi_maps else None
         return ImagePipelineOutput(images, expanded, used, maps)
@@ -357,7 +374,7 @@ class CheersPipeline:
         num_beams: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         stream: bool = False,
-        prefix_image: str | None = "dummy",
+        prefix_image: str | None = MODEL_DEFAULT,
         static_cache: bool = False,
         cuda_graph: bool = False,
         stop_at_image: bool = False,
@@ -372,7 +389,8 @@ class CheersPipeline:
                 conversation without one, equals its own single run; the images must then be given inside
                 the messages, as ``{"type": "image", "image": ...}`` items).
             stream: yield text pieces of the (single) answer as they are decoded.
-            prefix_image: for conversations without an image, "dummy" prepends the release's random image.
+            prefix_image: for conversations without an image, "dummy" prepends the release's random image,
+                None nothing; default: the model's ``SamplingDefaults``.
             static_cache: decode into a pre-allocated KV cache (same answers; for compiled / CUDA-graph
                 decoding).
             cuda_graph: replay the static decode step from a CUDA graph (CUDA only; captured at the first
@@ -384,6 +402,7 @@ class CheersPipeline:
         """
         _check_number("max_new_tokens", max_new_tokens, 1, 100_000, integer=True)
         _check_number("num_beams", num_beams, 1, 64, integer=True)
+        prefix_image = self._prefix_image(prefix_image)
         sampling = TextSampling(
             temperature=temperature if do_sample else 0.0,
             top_k=top_k,
@@ -634,6 +653,10 @@ class CheersPipeline:
         if any(not p.strip() for p in prompts):
             raise ValueError(f"{name} must not be empty")
         return prompts
+
+    def _prefix_image(self, prefix_image: Any) -> Any:
+        """The prefix image asked for, or the model's default (``SamplingDefaults.prefix_image``)."""
+        return self.defaults.prefix_image if prefix_image is MODEL_DEFAULT else prefix_image
 
     def _encode(self, messages, mode, prefix_image, generator) -> dict:
         if not isinstance(generator, list):
