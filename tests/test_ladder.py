@@ -43,6 +43,19 @@ def test_zoom_enlarges_the_l1_object_and_keeps_the_prompt():
         assert 1.2**2 * 0.8 < object_pixels(drawn.image) / object_pixels(plain.image) < 2.5**2 * 1.2
     factors = {round(object_pixels(rung_sample("L1", s, 128, (1.0, 2.5)).image) / 100) for s in range(8)}
     assert len(factors) > 2  # a range draws a factor per sample
+
+
+@pytest.mark.parametrize("rung", ["L1", "L2"])
+def test_short_prompts_drop_the_background_sentence_and_keep_the_image(rung):
+    for seed in range(6):
+        long = rung_sample(rung, seed, 128, 2.0 if rung == "L1" else 1.0)
+        short = rung_sample(rung, seed, 128, 2.0 if rung == "L1" else 1.0, short=True)
+        assert short.image.tobytes() == long.image.tobytes()
+        assert "background" not in short.prompt and "large" not in short.prompt
+        assert long.prompt.split()[-2:] == short.prompt.split()[-2:]  # the same objects' words
+        assert "background" not in short.spec and judge(rung, short.image, short.spec)[0]
+    with pytest.raises(ValueError, match="short prompts"):
+        rung_sample("L0", 0, 64, short=True)
     with pytest.raises(ValueError, match="zoom applies to rung L1"):
         rung_sample("L2", 0, 128, 2.0)
     for bad in (0.5, 4.0, (2.0, 1.5)):

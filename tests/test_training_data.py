@@ -253,5 +253,11 @@ def test_shapes_source_can_serve_a_ladder_rung_and_a_flat_world():
     assert zoomed.load(2)[0]["conversations"] == record["conversations"]
     with pytest.raises(ValueError, match="zoom needs a ladder rung"):
         ShapesSource("generation", size=4, options={"zoom": 2})
+    short = ShapesSource(
+        "generation", size=10, first_seed=7, resolution=64, options={"rung": "L1", "short": True}
+    )
+    assert short.load(2)[0]["conversations"] == rung_sample("L1", 9, 64, short=True).record["conversations"]
+    with pytest.raises(ValueError, match="short needs a ladder rung L1 or L2"):
+        ShapesSource("generation", size=4, options={"rung": "L0", "short": True})
     with pytest.raises(ValueError, match="source 'shapes': zoom applies to rung L1"):
         ShapesSource("generation", size=4, options={"rung": "L2", "zoom": 2})

@@ -46,6 +46,8 @@ class ShapesSource:
             fields), ``rung`` (generation only: the text-to-image samples of a learnability-ladder rung,
             L0..L3, instead of the world's; :mod:`cheers.data.shapes.ladder`), ``zoom`` (with ``rung: L1``: a
             magnification factor or a ``[lo, hi]`` range drawn per sample, which enlarges the object),
+            ``short`` (with ``rung: L1`` or ``L2``: prompts without the background sentence, in
+            ShapesGenEval's own form),
             ``concept`` (generation or understanding: samples that teach a new word for one fixed scene;
             :class:`Concept` fields, e.g. ``{word: wug, shape: star, color: purple, background: black}``; see
             :mod:`cheers.data.shapes.concept`).
@@ -68,11 +70,12 @@ class ShapesSource:
         world = WorldConfig(**options.pop("world", {}))
         self.rung = options.pop("rung", None)
         self.zoom = options.pop("zoom", 1.0)
+        self.short = bool(options.pop("short", False))
         concept = options.pop("concept", None)
         if options:
             raise ValueError(
                 f"source {name!r}: unknown ShapesWorld options {sorted(options)}; "
-                "known: split, mix, world, rung, zoom, concept"
+                "known: split, mix, world, rung, zoom, short, concept"
             )
         self.concept = None
         if concept is not None:
@@ -88,6 +91,8 @@ class ShapesSource:
                 raise ValueError(f"source {name!r}: concept: {err}") from None
         if self.zoom != 1.0 and self.rung is None:
             raise ValueError(f"source {name!r}: zoom needs a ladder rung (rung: L1)")
+        if self.short and self.rung not in ("L1", "L2"):
+            raise ValueError(f"source {name!r}: short needs a ladder rung L1 or L2, got rung {self.rung!r}")
         if self.rung is not None:
             check_rung(self.rung)
             try:
@@ -123,7 +128,7 @@ class ShapesSource:
             return sample, images
         if self.rung is not None:
             seed = int(self.dataset.seeds[index])
-            sample = rung_sample(self.rung, seed, self.resolution, self.zoom)
+            sample = rung_sample(self.rung, seed, self.resolution, self.zoom, self.short)
             record = {"id": f"ladder-{self.rung}-{seed}", "kind": "generation", **sample.record, "seed": seed}
             return record, [sample.image]
         sample = dict(self.dataset[index])

@@ -77,6 +77,7 @@ class LadderConfig:
 
     rung: str = "L0"
     zoom: float | list[float] = 1.0  # L1 only: the object magnified (a factor or a [lo, hi] range per sample)
+    short: bool = False  # L1 / L2 only: prompts without the background sentence (ShapesGenEval's own form)
     scale: str = "micro"
     steps: int = 1000
     batch_size: int = 32
@@ -110,6 +111,8 @@ class LadderConfig:
     def __post_init__(self) -> None:
         check_rung(self.rung)
         zoom_factor(self.rung, self.zoom, 0)
+        if self.short and self.rung not in ("L1", "L2"):
+            raise ValueError(f"short prompts are a form of rungs L1 and L2, not {self.rung!r}")
         if self.warmup_rung is not None:
             check_rung(self.warmup_rung)
         if not 0 <= self.warmup_steps <= self.steps:
@@ -165,13 +168,14 @@ def training_batch(cfg: LadderConfig, step: int) -> list[RungSample]:
     """The rung samples of training step ``step`` (1-based): deterministic in (seed, step)."""
     first = TRAIN_SEED_BASE + cfg.seed * 10**6 + (step - 1) * cfg.batch_size
     rung = cfg.warmup_rung if cfg.warmup_rung is not None and step <= cfg.warmup_steps else cfg.rung
-    zoom = cfg.zoom if rung == cfg.rung else 1.0
-    return [rung_sample(rung, first + k, cfg.resolution, zoom) for k in range(cfg.batch_size)]
+    zoom, short = (cfg.zoom, cfg.short) if rung == cfg.rung else (1.0, False)
+    return [rung_sample(rung, first + k, cfg.resolution, zoom, short) for k in range(cfg.batch_size)]
 
 
 def eval_samples(cfg: LadderConfig) -> list[RungSample]:
     return [
-        rung_sample(cfg.rung, EVAL_SEED_BASE + k, cfg.resolution, cfg.zoom) for k in range(cfg.eval_prompts)
+        rung_sample(cfg.rung, EVAL_SEED_BASE + k, cfg.resolution, cfg.zoom, cfg.short)
+        for k in range(cfg.eval_prompts)
     ]
 
 

@@ -65,7 +65,11 @@ class RungSample:
 
 
 def rung_sample(
-    rung: str, seed: int, resolution: int = 128, zoom: float | tuple[float, float] = 1.0
+    rung: str,
+    seed: int,
+    resolution: int = 128,
+    zoom: float | tuple[float, float] = 1.0,
+    short: bool = False,
 ) -> RungSample:
     """The sample of ``rung`` for ``seed`` (same arguments, same sample).
 
@@ -74,7 +78,13 @@ def rung_sample(
             from ``(lo, hi)`` per sample (the object, always in the centre cell, is then that much larger;
             the prompt is unchanged). At 1 an L1 object spans ~1/4 of the image side (~5 % of its area at
             most), so the loss that its colour and shape explain is small; zooming enlarges that share.
+        short: L1 / L2 only: the prompt without its background sentence (and L1's without "large"), in
+            ShapesGenEval's own form ("A red circle.", "Two blue squares."); the image is the same, its
+            background colour then unnamed (and not judged). A model trained only on the long form reads
+            the background sentence and may never learn to read a prompt that lacks it.
     """
+    if short and rung not in ("L1", "L2"):
+        raise ValueError(f"short prompts are a form of rungs L1 and L2, not {rung!r}")
     rng = np.random.default_rng([int(seed), 7919, RUNGS.index(check_rung(rung))])
     factor = zoom_factor(rung, zoom, seed)
     if rung != "L0":  # solid colours need no renderer; any size the model takes (a multiple of 32) works
@@ -90,16 +100,18 @@ def rung_sample(
         color = str(rng.choice([c for c in OBJECT_COLORS if c != bg]))
         obj = make_object(rng, FLAT, (1, 1), bg, shape=shape, color=color, size="large")
         scene = Scene((obj,), Background(bg, "flat", 4, "vertical", 0), None)
-        spec = {
-            "include": [{"class": shape, "count": 1, "color": color}],
-            "exact_count": 1,
-            "background": {"color": bg},
-        }
-        prompt = f"A plain {bg} background. {_sentence(object_phrase(shape, color, 'large'))}"
+        spec = {"include": [{"class": shape, "count": 1, "color": color}], "exact_count": 1}
+        if short:
+            prompt = _sentence(object_phrase(shape, color))
+        else:
+            spec["background"] = {"color": bg}
+            prompt = f"A plain {bg} background. {_sentence(object_phrase(shape, color, 'large'))}"
         return RungSample(prompt, _render_zoomed(scene, resolution, factor), spec)
     if rung == "L2":
         tag = str(rng.choice(L2_TAGS))
         spec, scene = sample_generation(rng, tag, FLAT)
+        if short:
+            return RungSample(_sentence(spec["prompt"]), render_scene(scene, resolution), spec)
         bg = scene.background.color
         spec = {**spec, "background": {"color": bg}}
         prompt = f"A plain {bg} background. {_sentence(spec['prompt'])}"
