@@ -145,6 +145,8 @@ def test_eval_dpg_and_shapes(model_dir, tmp_path, capsys):
     assert numbers["times"] == [0.5] and numbers["noise_readout"]["times"] == [0.0, 0.5]
     with pytest.raises(SystemExit, match="--times"):
         main(["eval", "prompt-gain", "--model", model_dir, "--times", "half"])
+    with pytest.raises(SystemExit, match="--objects"):
+        main(["eval", "prompt-gain", "--model", model_dir, "--short"])
     assert json.loads((tmp_path / "sb" / "shapes_bench.json").read_text())["vqa"]["n_scenes"] == 1
 
 

@@ -65,6 +65,10 @@ def test_objects_only_gain_swaps_prompts_between_samples_of_one_background():
     for bg, records in groups.items():
         prompts = [r["conversations"][0]["value"] for r, _ in records]
         assert all(p.startswith(f"A plain {bg} background.") for p in prompts) and len(set(prompts)) > 1
+    short = rung_records_by_background("L2", 3, short=True)  # the same images, no background sentence
+    for bg, records in short.items():
+        assert [i[0].tobytes() for _, i in records] == [i[0].tobytes() for _, i in groups[bg]]
+        assert not any("background" in r["conversations"][0]["value"] for r, _ in records)
     with pytest.raises(ValueError, match="rung L1 or L2"):
         rung_records_by_background("L0", 3)
 

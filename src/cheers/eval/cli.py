@@ -235,10 +235,19 @@ def cmd_prompt_gain(args: argparse.Namespace) -> int:
         raise SystemExit(f"--times wants comma-separated numbers in [0, 1), got {args.times!r}") from None
     if args.n < 2:
         raise SystemExit(f"--n must be at least 2 (prompts are swapped between samples), got {args.n}")
+    if args.short and not args.objects:
+        raise SystemExit("--short is a form of the objects-only gain: give --objects L1 or L2 too")
     pipe = _pipeline(args)
     if args.objects:
         result = object_prompt_gain(
-            pipe.model, pipe.processor, args.objects, args.n, args.split, times, batch_size=args.batch_size
+            pipe.model,
+            pipe.processor,
+            args.objects,
+            args.n,
+            args.split,
+            times,
+            batch_size=args.batch_size,
+            short=args.short,
         )
     else:
         result = prompt_gain(
@@ -477,6 +486,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         choices=("L1", "L2"),
         default=None,
         help="objects only: swap prompts between samples of this ladder rung that share a background colour",
+    )
+    c.add_argument(
+        "--short",
+        action="store_true",
+        help="with --objects: the prompts in ShapesGenEval's short form, without the background sentence",
     )
     c.add_argument("--split", choices=("val", "test"), default="val")
     c.add_argument("--times", default="0.1,0.3,0.5,0.7,0.9", help="flow times (0 = noise), comma-separated")

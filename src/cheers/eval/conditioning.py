@@ -88,9 +88,10 @@ def shapes_generation_records(n: int, split: str = "val", first: int = 0) -> lis
 
 
 def rung_records_by_background(
-    rung: str, n: int, split: str = "val", zoom: float = 1.0, first: int = 0
+    rung: str, n: int, split: str = "val", zoom: float = 1.0, first: int = 0, short: bool = False
 ) -> dict[str, list[tuple[dict, list]]]:
-    """``n`` samples of ladder ``rung`` (L1 or L2) per background colour, from the held-out ``split``."""
+    """``n`` samples of ladder ``rung`` (L1 or L2) per background colour, from the held-out ``split``
+    (``short``: with the short prompts, which do not name the background)."""
     from cheers.data.shapes.ladder import rung_sample
     from cheers.data.shapes.palette import BACKGROUND_COLORS
 
@@ -101,7 +102,10 @@ def rung_records_by_background(
     groups: dict[str, list[tuple[dict, list]]] = {bg: [] for bg in BACKGROUND_COLORS}
     for seed in split_seeds(split)[first:]:
         sample = rung_sample(rung, int(seed), zoom=zoom)
-        group = groups[sample.spec["background"]["color"]]
+        background = sample.spec["background"]["color"]
+        if short:  # the same image, its prompt without the background sentence
+            sample = rung_sample(rung, int(seed), zoom=zoom, short=True)
+        group = groups[background]
         if len(group) < n:
             group.append((sample.record, [sample.image]))
         if all(len(g) == n for g in groups.values()):
@@ -118,14 +122,16 @@ def object_prompt_gain(
     times: Sequence[float] = (0.1, 0.5),
     zoom: float = 1.0,
     batch_size: int = 32,
+    short: bool = False,
 ) -> PromptGain:
     """The prompt gain of the objects' words alone: :func:`prompt_gain` within groups of ``n`` ``rung``
     samples that share a background colour (so the swapped prompt names the same background), averaged over
-    the groups (``n`` per background colour)."""
+    the groups (``n`` per background colour). ``short``: the prompts in ShapesGenEval's short form, which
+    name no background (same images)."""
     return PromptGain.combine(
         [
             prompt_gain(model, processor, records, times, batch_size)
-            for records in rung_records_by_background(rung, n, split, zoom).values()
+            for records in rung_records_by_background(rung, n, split, zoom, short=short).values()
         ]
     )
 
