@@ -51,7 +51,7 @@ class SamplingDefaults:
     # guide only for t in [t_lo, t_hi] (the unconditional branch is skipped elsewhere); None: at every step
     guidance_interval: tuple[float, float] | None = None
     # what a prompt without an image gets in front: "dummy" (the release: a random-noise image) or None (no
-    # image: for a model trained without it, such as the bundled one, whose rows never had one)
+    # image: for a model trained without one, e.g. the retrained ShapesWorld lineage of docs/tiny-model.md)
     prefix_image: str | None = "dummy"
 
     def __post_init__(self) -> None:
