@@ -22,7 +22,7 @@ from cheers.data.shapes import (
     split_seeds,
 )
 from cheers.data.shapes.concept import Concept, concept_sample
-from cheers.data.shapes.ladder import check_rung, rung_sample, zoom_factor
+from cheers.data.shapes.ladder import SHORT_RUNGS, check_rung, rung_sample, zoom_factor
 from cheers.data.shapes.tokenizer import DEFAULT_VOCAB_SIZE
 from cheers.data.sources import _stable_hash, permutation
 from cheers.processor import CheersProcessor
@@ -91,7 +91,7 @@ class ShapesSource:
                 raise ValueError(f"source {name!r}: concept: {err}") from None
         if self.zoom != 1.0 and self.rung is None:
             raise ValueError(f"source {name!r}: zoom needs a ladder rung (rung: L1)")
-        if self.short and self.rung not in ("L1", "L2"):
+        if self.short and self.rung not in SHORT_RUNGS:
             raise ValueError(f"source {name!r}: short needs a ladder rung L1 or L2, got rung {self.rung!r}")
         if self.rung is not None:
             check_rung(self.rung)

@@ -40,12 +40,13 @@ from cheers.data.shapes.ladder import (
     RUNG_TITLES,
     RungSample,
     check_rung,
+    check_short,
     judge,
     rung_sample,
     zoom_factor,
 )
 from cheers.data.shapes.prompts import GEN_SUFFIX
-from cheers.eval.conditioning import PromptGain, noise_readout, prompt_gain
+from cheers.eval.conditioning import NoiseReadout, PromptGain, noise_readout, prompt_gain
 from cheers.eval.runner import write_text_atomic
 from cheers.flow import flow_loss, interpolate, velocity_target
 from cheers.models.cheers import Cheers
@@ -111,8 +112,7 @@ class LadderConfig:
     def __post_init__(self) -> None:
         check_rung(self.rung)
         zoom_factor(self.rung, self.zoom, 0)
-        if self.short and self.rung not in ("L1", "L2"):
-            raise ValueError(f"short prompts are a form of rungs L1 and L2, not {self.rung!r}")
+        check_short(self.rung, self.short)
         if self.warmup_rung is not None:
             check_rung(self.warmup_rung)
         if not 0 <= self.warmup_steps <= self.steps:
@@ -583,12 +583,7 @@ def markdown(cfg: LadderConfig, results: dict[str, Any]) -> str:
             "Noise readout of Cheers (its velocity ≈ clean·z1 − noise·x0, least squares; both 1 ideal; the "
             "Euler sampler removes the starting noise only through the x0 part):",
             "",
-            "| t | noise read | image read |",
-            "|---:|---:|---:|",
-            *(
-                f"| {t:.2f} | {a:+.3f} | {b:+.3f} |"
-                for t, a, b in zip(noise["times"], noise["noise"], noise["clean"])
-            ),
+            NoiseReadout(**noise).table(),
         ]
     defaults = LadderConfig()
     overrides = {

@@ -83,8 +83,7 @@ def rung_sample(
             background colour then unnamed (and not judged). A model trained only on the long form reads
             the background sentence and may never learn to read a prompt that lacks it.
     """
-    if short and rung not in ("L1", "L2"):
-        raise ValueError(f"short prompts are a form of rungs L1 and L2, not {rung!r}")
+    check_short(rung, short)
     rng = np.random.default_rng([int(seed), 7919, RUNGS.index(check_rung(rung))])
     factor = zoom_factor(rung, zoom, seed)
     if rung != "L0":  # solid colours need no renderer; any size the model takes (a multiple of 32) works
@@ -146,6 +145,15 @@ def _render_zoomed(scene: Scene, resolution: int, factor: float) -> Image.Image:
     lo = (big - side) / 2
     image = render_scene(scene, big)
     return image.crop((lo, lo, lo + side, lo + side)).resize((resolution, resolution), Image.BILINEAR)
+
+
+SHORT_RUNGS = ("L1", "L2")
+"""The rungs whose prompts have a short form (no background sentence)."""
+
+
+def check_short(rung: str | None, short: bool) -> None:
+    if short and rung not in SHORT_RUNGS:
+        raise ValueError(f"short prompts are a form of rungs L1 and L2, not {rung!r}")
 
 
 def check_rung(rung: str) -> str:
