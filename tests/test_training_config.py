@@ -291,3 +291,25 @@ def test_every_packaged_recipe_loads():
     assert onset.init.from_release == "runs/tiny-shapes-scratch/export"
     assert mix.init.from_release == "runs/tiny-shapes-onset/export"
     assert {s.options.get("rung") for s in onset.data.sources} == {None, "L1"}
+
+
+def test_bf16_autocast_on_a_cpu_that_emulates_it_is_warned_about(monkeypatch, caplog):
+    import contextlib
+
+    import torch
+
+    from cheers.training import loop
+
+    cpu = torch.device("cpu")
+    assert isinstance(loop.cpu_has_native_bf16(), bool)  # this machine's answer, whatever it is
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="cheers.training.loop"):
+        assert loop.autocast_context("auto", cpu) is contextlib.nullcontext  # auto: float32 on CPUs
+        assert not caplog.records
+        assert loop.autocast_context("bf16", cpu) is not contextlib.nullcontext  # asked for: still honoured
+    assert "without native bfloat16" in caplog.text and "engine.precision=auto" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="cheers.training.loop"):
+        loop.autocast_context("bf16", cpu)
+    assert not caplog.records

@@ -62,9 +62,23 @@ class TrainResult:
     export_dir: Path | None = None
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 / AMX); elsewhere oneDNN emulates it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 path either
+        return False
+
+
 def autocast_context(precision: str, device: torch.device):
     """The run's precision policy: bf16 autocast (default on CUDA) or plain fp32."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning(
+            "engine.precision=bf16 on a CPU without native bfloat16 (no AVX512-BF16 / AMX): autocast "
+            "emulates it and trains several times slower than float32 here; engine.precision=auto picks "
+            "float32 on CPUs"
+        )
     if use_bf16:
         return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
