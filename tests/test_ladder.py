@@ -45,6 +45,37 @@ def test_zoom_enlarges_the_l1_object_and_keeps_the_prompt():
     assert len(factors) > 2  # a range draws a factor per sample
 
 
+def test_zoom_magnifies_l2_around_its_objects_and_keeps_them_whole():
+    from cheers.data.shapes.ladder import ZOOM_MARGIN, objects_view
+
+    grown = 0
+    for seed in range(12):
+        plain, zoomed = rung_sample("L2", seed, 128), rung_sample("L2", seed, 128, 2.5)
+        assert zoomed.prompt == plain.prompt and zoomed.spec == plain.spec
+        assert judge("L2", zoomed.image, zoomed.spec)[0], (seed, zoomed.prompt)  # counts and relations hold
+        a, b = (np.asarray(im).astype(int) for im in (plain.image, zoomed.image))
+        ink = [int((np.abs(x - x[0, 0]).sum(-1) > 60).sum()) for x in (a, b)]
+        grown += ink[1] > 1.5 * ink[0]
+        short = rung_sample("L2", seed, 128, 2.5, short=True)
+        assert short.image.tobytes() == zoomed.image.tobytes()
+    assert grown >= 6  # most scenes' objects fit a magnified view
+
+    class Box:  # an object's box, as objects_view reads it
+        def __init__(self, *bbox):
+            self.bbox = bbox
+
+    class Scene:
+        def __init__(self, *boxes):
+            self.objects = boxes
+
+    factor, centre = objects_view(Scene(Box(0.1, 0.1, 0.3, 0.3), Box(0.5, 0.1, 0.7, 0.3)), 2.8)
+    span = 0.7 + ZOOM_MARGIN - (0.1 - ZOOM_MARGIN)
+    assert factor == pytest.approx(1 / span) and centre[0] == pytest.approx(0.4)
+    assert centre[1] - 0.5 / factor == pytest.approx(0.0)  # moved back inside the canvas at the top
+    assert objects_view(Scene(Box(0.4, 0.4, 0.6, 0.6)), 2.0) == (2.0, (0.5, 0.5))
+    assert objects_view(Scene(Box(0.0, 0.0, 0.2, 0.2), Box(0.8, 0.8, 1.0, 1.0)), 2.0) == (1.0, (0.5, 0.5))
+
+
 @pytest.mark.parametrize("rung", ["L1", "L2"])
 def test_short_prompts_drop_the_background_sentence_and_keep_the_image(rung):
     for seed in range(6):
@@ -56,8 +87,8 @@ def test_short_prompts_drop_the_background_sentence_and_keep_the_image(rung):
         assert "background" not in short.spec and judge(rung, short.image, short.spec)[0]
     with pytest.raises(ValueError, match="short prompts"):
         rung_sample("L0", 0, 64, short=True)
-    with pytest.raises(ValueError, match="zoom applies to rung L1"):
-        rung_sample("L2", 0, 128, 2.0)
+    with pytest.raises(ValueError, match="zoom applies to rungs L1 and L2"):
+        rung_sample("L3", 0, 128, 2.0)
     for bad in (0.5, 4.0, (2.0, 1.5)):
         with pytest.raises(ValueError, match="zoom must be"):
             rung_sample("L1", 0, 128, bad)
@@ -69,8 +100,9 @@ def test_objects_only_groups_share_a_background_and_the_config_checks_zoom():
     assert sum(len(g) for g in groups) >= 10 and all(len(g) >= 2 for g in groups)
     assert all(len({s.spec["background"]["color"] for s in g}) == 1 for g in groups)
     assert LadderConfig(rung="L1", zoom=[1.5, 2.5]).zoom == [1.5, 2.5]
-    with pytest.raises(ValueError, match="zoom applies to rung L1"):
-        LadderConfig(rung="L2", zoom=2.0)
+    assert LadderConfig(rung="L2", zoom=2.0).zoom == 2.0
+    with pytest.raises(ValueError, match="zoom applies to rungs L1 and L2"):
+        LadderConfig(rung="L0", zoom=2.0)
 
 
 def test_l0_covers_the_palette_and_reads_colours_by_the_mean():

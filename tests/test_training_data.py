@@ -259,5 +259,7 @@ def test_shapes_source_can_serve_a_ladder_rung_and_a_flat_world():
     assert short.load(2)[0]["conversations"] == rung_sample("L1", 9, 64, short=True).record["conversations"]
     with pytest.raises(ValueError, match="short needs a ladder rung L1 or L2"):
         ShapesSource("generation", size=4, options={"rung": "L0", "short": True})
-    with pytest.raises(ValueError, match="source 'shapes': zoom applies to rung L1"):
-        ShapesSource("generation", size=4, options={"rung": "L2", "zoom": 2})
+    with pytest.raises(ValueError, match="source 'shapes': zoom applies to rungs L1 and L2"):
+        ShapesSource("generation", size=4, options={"rung": "L3", "zoom": 2})
+    two = ShapesSource("generation", size=4, first_seed=3, resolution=64, options={"rung": "L2", "zoom": 2})
+    assert two.load(1)[1][0].tobytes() == rung_sample("L2", 4, 64, 2).image.tobytes()

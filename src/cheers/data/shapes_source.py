@@ -44,8 +44,9 @@ class ShapesSource:
         name: the source's name in the mixture.
         options: ``split`` (train | val | test), ``mix`` (dict of Mix weights), ``world`` (WorldConfig
             fields), ``rung`` (generation only: the text-to-image samples of a learnability-ladder rung,
-            L0..L3, instead of the world's; :mod:`cheers.data.shapes.ladder`), ``zoom`` (with ``rung: L1``: a
-            magnification factor or a ``[lo, hi]`` range drawn per sample, which enlarges the object),
+            L0..L3, instead of the world's; :mod:`cheers.data.shapes.ladder`), ``zoom`` (with ``rung: L1``
+            or ``L2``: a magnification factor or a ``[lo, hi]`` range drawn per sample, which enlarges the
+            objects),
             ``short`` (with ``rung: L1`` or ``L2``: prompts without the background sentence, in
             ShapesGenEval's own form),
             ``concept`` (generation or understanding: samples that teach a new word for one fixed scene;
@@ -90,7 +91,7 @@ class ShapesSource:
             except TypeError as err:
                 raise ValueError(f"source {name!r}: concept: {err}") from None
         if self.zoom != 1.0 and self.rung is None:
-            raise ValueError(f"source {name!r}: zoom needs a ladder rung (rung: L1)")
+            raise ValueError(f"source {name!r}: zoom needs a ladder rung (rung: L1 or L2)")
         if self.short and self.rung not in SHORT_RUNGS:
             raise ValueError(f"source {name!r}: short needs a ladder rung L1 or L2, got rung {self.rung!r}")
         if self.rung is not None:

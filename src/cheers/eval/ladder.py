@@ -77,7 +77,7 @@ class LadderConfig:
     """One ladder run. Every field can be set from the CLI with ``--set name=value``."""
 
     rung: str = "L0"
-    zoom: float | list[float] = 1.0  # L1 only: the object magnified (a factor or a [lo, hi] range per sample)
+    zoom: float | list[float] = 1.0  # L1 / L2: objects magnified (a factor or a [lo, hi] range per sample)
     short: bool = False  # L1 / L2 only: prompts without the background sentence (ShapesGenEval's own form)
     scale: str = "micro"
     steps: int = 1000

@@ -74,10 +74,12 @@ def rung_sample(
     """The sample of ``rung`` for ``seed`` (same arguments, same sample).
 
     Args:
-        zoom: L1 only: show the centre of the scene magnified by this factor, or by a factor drawn uniformly
-            from ``(lo, hi)`` per sample (the object, always in the centre cell, is then that much larger;
-            the prompt is unchanged). At 1 an L1 object spans ~1/4 of the image side (~5 % of its area at
-            most), so the loss that its colour and shape explain is small; zooming enlarges that share.
+        zoom: L1 / L2: show the scene magnified by this factor, or by a factor drawn uniformly from
+            ``(lo, hi)`` per sample; the prompt is unchanged. At 1 an L1 object spans ~1/4 of the image side
+            (~5 % of its area at most), so the loss that its colour and shape explain is small; zooming
+            enlarges that share. L1 shows the centre (its object is always in the centre cell); L2 shows
+            the box around its objects, the factor capped so that every object stays whole in view (with a
+            margin of ``ZOOM_MARGIN``), so counts and left/right/above/below relations still hold.
         short: L1 / L2 only: the prompt without its background sentence (and L1's without "large"), in
             ShapesGenEval's own form ("A red circle.", "Two blue squares."); the image is the same, its
             background colour then unnamed (and not judged). A model trained only on the long form reads
@@ -109,12 +111,13 @@ def rung_sample(
     if rung == "L2":
         tag = str(rng.choice(L2_TAGS))
         spec, scene = sample_generation(rng, tag, FLAT)
+        image = _render_zoomed(scene, resolution, *objects_view(scene, factor))
         if short:
-            return RungSample(_sentence(spec["prompt"]), render_scene(scene, resolution), spec)
+            return RungSample(_sentence(spec["prompt"]), image, spec)
         bg = scene.background.color
         spec = {**spec, "background": {"color": bg}}
         prompt = f"A plain {bg} background. {_sentence(spec['prompt'])}"
-        return RungSample(prompt, render_scene(scene, resolution), spec)
+        return RungSample(prompt, image, spec)
     sample = make_sample(int(seed), "generation", resolution=resolution)
     prompt = sample["conversations"][0]["value"].removesuffix(GEN_SUFFIX)
     return RungSample(prompt, sample["images"][0], sample["spec"])
@@ -123,28 +126,52 @@ def rung_sample(
 MAX_ZOOM = 2.8
 """An L1 object (0.74 of a cell, its centre within 0.07 cells of the middle) stays whole up to ~3x."""
 
+ZOOM_RUNGS = ("L1", "L2")
+"""The rungs that can be magnified (objects on a flat background)."""
+
+ZOOM_MARGIN = 0.04
+"""The canvas fraction kept on each side of L2's objects when the view is magnified."""
+
 
 def zoom_factor(rung: str, zoom: float | tuple[float, float] | list[float], seed: int) -> float:
     """The magnification of ``rung``'s sample ``seed`` for a ``zoom`` setting (raises on a bad setting)."""
     lo, hi = (float(zoom), float(zoom)) if isinstance(zoom, (int, float)) else (float(z) for z in zoom)
     if not 1.0 <= lo <= hi <= MAX_ZOOM:
         raise ValueError(f"zoom must be a factor or a (lo, hi) range within [1, {MAX_ZOOM}], got {zoom!r}")
-    if hi > 1.0 and rung != "L1":
-        raise ValueError(f"zoom applies to rung L1 (one object in the centre), not {rung!r}")
+    if hi > 1.0 and rung not in ZOOM_RUNGS:
+        raise ValueError(f"zoom applies to rungs L1 and L2 (objects on a flat background), not {rung!r}")
     if lo == hi:
         return lo
     return float(np.random.default_rng([int(seed), 7919, 101]).uniform(lo, hi))
 
 
-def _render_zoomed(scene: Scene, resolution: int, factor: float) -> Image.Image:
-    """The scene's centre, ``factor`` times magnified, at ``resolution`` (rendered larger, then cropped)."""
+def objects_view(scene: Scene, factor: float) -> tuple[float, tuple[float, float]]:
+    """The magnification (``factor`` at most) and the view's centre (canvas fractions) that keep every object
+    of ``scene`` whole in view, ``ZOOM_MARGIN`` from the view's edge: the view is centred on the objects' box
+    and moved back inside the canvas where it would leave it."""
+    if factor == 1.0:
+        return 1.0, (0.5, 0.5)
+    boxes = np.array([o.bbox for o in scene.objects])
+    x0, y0 = np.clip(boxes[:, :2].min(0) - ZOOM_MARGIN, 0.0, 1.0)
+    x1, y1 = np.clip(boxes[:, 2:].max(0) + ZOOM_MARGIN, 0.0, 1.0)
+    factor = float(max(1.0, min(factor, 1.0 / max(x1 - x0, y1 - y0))))
+    half = 0.5 / factor
+    centre = (float(np.clip((x0 + x1) / 2, half, 1 - half)), float(np.clip((y0 + y1) / 2, half, 1 - half)))
+    return factor, centre
+
+
+def _render_zoomed(
+    scene: Scene, resolution: int, factor: float, centre: tuple[float, float] = (0.5, 0.5)
+) -> Image.Image:
+    """The view of ``scene`` around ``centre`` (canvas fractions), ``factor`` times magnified, at
+    ``resolution`` (rendered larger, then cropped)."""
     if factor == 1.0:
         return render_scene(scene, resolution)
     big = -(-int(np.ceil(resolution * factor)) // 64) * 64  # a renderable side covering the zoomed view
     side = big / factor
-    lo = (big - side) / 2
+    left, top = centre[0] * big - side / 2, centre[1] * big - side / 2
     image = render_scene(scene, big)
-    return image.crop((lo, lo, lo + side, lo + side)).resize((resolution, resolution), Image.BILINEAR)
+    return image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BILINEAR)
 
 
 SHORT_RUNGS = ("L1", "L2")
