@@ -58,6 +58,8 @@ def test_run_specs_match_every_run_but_the_ablated_switch():
     assert specs["ft_und"]["train.steps"] == specs["ft_gen_und"]["train.steps"] == 3
     with pytest.raises(ValueError, match="pairs"):
         AblationConfig(pairs=("nope",))
+    with pytest.raises(ValueError, match="sample_steps"):
+        AblationConfig(sample_steps=0)
 
 
 @pytest.mark.slow
@@ -88,6 +90,7 @@ def test_ablate_trains_matched_runs_and_writes_the_report(tmp_path):
         micro_batch=2,
         n=1,
         num_images=1,
+        sample_steps=2,
         overrides=[*TINY, f"init.vae={vae_run / 'vae'}"],
     )
     out = tmp_path / "ablate"
@@ -96,6 +99,7 @@ def test_ablate_trains_matched_runs_and_writes_the_report(tmp_path):
     assert not from_pretrained(out / "runs" / "no_hfi" / "export").config.options.high_frequency_injection
     assert not from_pretrained(out / "runs" / "no_pixrec" / "export").config.options.pixel_reconstruction
     assert json.loads((out / "runs" / "ft_und" / "DONE").read_text())["step"] == 1
+    assert json.loads((out / "bench" / "base" / "shapes_bench.json").read_text())["config"]["steps"] == 2
     assert (out / "ablations.png").stat().st_size > 0 and "## (a) high-frequency" in (
         out / "ablations.md"
     ).read_text()

@@ -118,7 +118,8 @@ PAIR_SPECS: dict[str, Pair] = {
 class AblationConfig:
     """recipe: the base recipe (name or YAML). steps / micro_batch: the budget of every from-scratch run;
     finetune_steps: of each fine-tune; finetune_from: the release-layout model both fine-tunes start from
-    (None: the ``base`` run). n / num_images: ShapesBench size. overrides: ``--set`` for all runs."""
+    (None: the ``base`` run). n / num_images: ShapesBench size. sample_steps: ODE steps of its drawing and
+    editing (None: each model's defaults). overrides: ``--set`` for all runs."""
 
     recipe: str = "tiny-shapes"
     steps: int = 600
@@ -128,11 +129,14 @@ class AblationConfig:
     pairs: tuple[str, ...] = PAIRS
     n: int = 20
     num_images: int = 2
+    sample_steps: int | None = None
     overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.finetune_steps < 1 or self.n < 1 or self.num_images < 1:
             raise ValueError("steps, finetune_steps, n and num_images must be >= 1")
+        if self.sample_steps is not None and self.sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1 (or None: each model's), got {self.sample_steps}")
         unknown = [p for p in self.pairs if p not in PAIRS]
         if unknown or not self.pairs:
             raise ValueError(f"pairs must be a non-empty subset of {PAIRS}, got {list(self.pairs)}")
@@ -212,10 +216,17 @@ def score_run(
     cached = bench_dir / "shapes_bench.json"
     if cached.is_file():
         report = json.loads(cached.read_text(encoding="utf-8"))
-        if all(t in report for t in tasks) and report.get("config", {}).get("n") == cfg.n:
+        same = [report.get("config", {}).get(k) for k in ("n", "steps")] == [cfg.n, cfg.sample_steps]
+        if same and all(t in report for t in tasks):
             return report
     pipe = CheersPipeline.from_pretrained(export)
-    bench = ShapesBenchConfig(n=cfg.n, tasks=tuple(tasks), num_images=cfg.num_images)
+    bench = ShapesBenchConfig(
+        n=cfg.n,
+        tasks=tuple(tasks),
+        num_images=cfg.num_images,
+        steps=cfg.sample_steps,
+        edit_steps=cfg.sample_steps,
+    )
     return run_shapes_bench(pipe, bench_dir, bench, model_name=f"ablation/{name}", progress=True)
 
 

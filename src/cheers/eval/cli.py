@@ -629,6 +629,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         pairs=tuple(p for p in args.pairs.split(",") if p),
         n=args.n,
         num_images=args.num_images,
+        sample_steps=args.sample_steps,
         overrides=list(args.overrides),
     )
     results = run_ablations(cfg, args.out)
@@ -672,6 +673,12 @@ def add_ablate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     a.add_argument("--n", type=int, default=20, help="ShapesBench size per task (default 20)")
     a.add_argument("--num-images", type=int, default=2, help="images per ShapesGenEval prompt (default 2)")
+    a.add_argument(
+        "--sample-steps",
+        type=int,
+        default=None,
+        help="ODE steps of ShapesBench's drawing and editing (default: each model's own)",
+    )
     a.add_argument(
         "--set",
         dest="overrides",
