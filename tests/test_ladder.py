@@ -208,16 +208,16 @@ def test_a_trained_projector_decoder_lets_the_generator_see_the_noise_it_must_re
     Calibrated in bf16 autocast, which oneDNN emulates (many times slower) on CPUs without native bfloat16:
     there it is skipped. The same runs in float32 (AVX2 CPU, 2026-12-07) learn more slowly and take 6 minutes:
     frozen 0.007 / -0.005, trained 0.047 / 0.020 at t = 0 / 0.3 after 150 steps."""
+    from cheers.training.loop import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("calibrated in bf16 autocast, which this CPU only emulates (no AVX512-BF16 / AMX)")
     import dataclasses
 
     import torch
 
     from cheers.eval.conditioning import noise_readout
     from cheers.eval.ladder import eval_samples, train
-    from cheers.training.loop import cpu_has_native_bf16
-
-    if not cpu_has_native_bf16():
-        pytest.skip("calibrated in bf16 autocast, which this CPU only emulates (no AVX512-BF16 / AMX)")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
