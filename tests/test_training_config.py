@@ -246,6 +246,44 @@ def test_init_und_projector_scale_and_the_bundled_model_as_a_start(tmp_path):
 
 
 @pytest.mark.slow
+def test_init_reinitialize_redraws_only_the_named_parts():
+    """init.reinitialize: llm_layers redraws the LLM's decoder layers and final norm, keeps its embeddings
+    (and so the tied head) and every other part as loaded; llm redraws the embeddings and the head with them;
+    an unknown part is refused before any training."""
+    import torch
+
+    from cheers.training.parts import build_model, build_processor, model_config
+
+    recipe = load_recipe("tiny-shapes-follow", ["init.und_projector_scale=1"])
+    config = model_config(recipe)
+    processor = build_processor(recipe, config)
+    plain = build_model(recipe, processor.special, config).state_dict()
+    layers = build_model(
+        load_recipe("tiny-shapes-follow", ["init.und_projector_scale=1", "init.reinitialize=[llm_layers]"]),
+        processor.special,
+        config,
+    )
+    state = layers.state_dict()
+    moved = {k for k in plain if not torch.equal(plain[k], state[k])}
+    assert moved and all(
+        k.startswith(("model.language_model.layers.", "model.language_model.norm.")) for k in moved
+    )
+    assert any(".self_attn.q_proj.weight" in k for k in moved)  # the weights really were redrawn
+    llm = build_model(
+        load_recipe("tiny-shapes-follow", ["init.und_projector_scale=1", "init.reinitialize=[llm]"]),
+        processor.special,
+        config,
+    )
+    assert not torch.equal(llm.lm_head.weight, layers.lm_head.weight)
+    assert llm.lm_head.weight.data_ptr() == llm.model.language_model.embed_tokens.weight.data_ptr()
+    assert torch.equal(llm.model.und_projector.mlp[0].weight, layers.model.und_projector.mlp[0].weight)
+    with pytest.raises(RecipeError, match="init.reinitialize: unknown part"):
+        build_model(
+            load_recipe("tiny-shapes-follow", ["init.reinitialize=[llm_head]"]), processor.special, config
+        )
+
+
+@pytest.mark.slow
 def test_the_scratch_recipe_keeps_the_bundled_vae_and_vision_tower_and_trains_the_rest_with_the_fix():
     """tiny-shapes-scratch (run 1 of the issue #18 retraining): the und_projector at 0.01x the lr, flat
     backgrounds and the L1 rung for most generation samples, the bundled VAE and vision tower as its only

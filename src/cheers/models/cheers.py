@@ -249,6 +249,11 @@ class Cheers(nn.Module):
         "hfi_gate": ("model.hi_gate",),
     }
 
+    # Finer parts than the groups, for re-initialisation (``init.reinitialize``).
+    PART_ALIASES: dict[str, tuple[str, ...]] = {
+        "llm_layers": ("model.language_model.layers", "model.language_model.norm"),
+    }
+
     @classmethod
     def group_of(cls, name: str) -> str | None:
         """The parameter group that owns parameter ``name`` (None for a name outside every group)."""

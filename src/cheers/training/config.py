@@ -62,6 +62,10 @@ class InitSection:
     # multiply the und_projector's output layer by this at the start (1 = as loaded). Not the release's: a
     # smaller factor brings image tokens back towards the text scale, where the prompt can reach them (#18).
     und_projector_scale: float = 1.0
+    # parts drawn afresh (the preset's initialisation, seed train.seed) after loading: parameter groups
+    # (train.trainable's names) or "llm_layers" (the LLM's decoder layers and final norm; embeddings kept).
+    # Not the release's: a restart for a part whose learned routing is the problem (#18).
+    reinitialize: list[str] = field(default_factory=list)
 
 
 @dataclass

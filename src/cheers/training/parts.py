@@ -80,9 +80,9 @@ def build_model(recipe: Recipe, special: SpecialTokens, config: CheersConfig | N
     dtype = resolve_dtype(recipe.model.dtype)
     release = release_dir(recipe)
     if release and not recipe.model.overrides:
-        return scale_und_projector(
-            from_pretrained(release, dtype=dtype, special=special), recipe.init.und_projector_scale
-        ).train()
+        model = from_pretrained(release, dtype=dtype, special=special)
+        model = reinitialize(model, recipe.init.reinitialize, recipe.train.seed)
+        return scale_und_projector(model, recipe.init.und_projector_scale).train()
     torch.manual_seed(recipe.train.seed)
     model = Cheers(config, special=special)
     if release:
@@ -93,7 +93,31 @@ def build_model(recipe: Recipe, special: SpecialTokens, config: CheersConfig | N
         load_vision(model, part_dir(recipe.init.vision))
     if recipe.init.vae:
         load_vae(model, part_dir(recipe.init.vae))
+    model = reinitialize(model, recipe.init.reinitialize, recipe.train.seed)
     return scale_und_projector(model, recipe.init.und_projector_scale).to(dtype).train()
+
+
+@torch.no_grad()
+def reinitialize(model: Cheers, parts: list[str], seed: int) -> Cheers:
+    """Draw ``parts`` (parameter groups or :attr:`Cheers.PART_ALIASES`) afresh, as a new model of the same
+    configuration would have them (seeded by ``seed``); everything else stays as loaded. Tied weights follow
+    their owner (re-initialising ``llm`` redraws the embeddings and so the tied head)."""
+    if not parts:
+        return model
+    known = {**Cheers.PARAMETER_GROUPS, **Cheers.PART_ALIASES}
+    unknown = sorted(set(parts) - set(known))
+    if unknown:
+        raise RecipeError(f"init.reinitialize: unknown part(s) {unknown}; known: {sorted(known)}")
+    prefixes = tuple(p for part in parts for p in known[part])
+    torch.manual_seed(seed)
+    fresh = Cheers(model.config, special=model.special).state_dict()
+    own = model.state_dict()
+    chosen = [k for k in own if any(k == p or k.startswith(p + ".") for p in prefixes)]
+    for k in chosen:
+        own[k].copy_(fresh[k].to(own[k].dtype))
+    model.tie_weights()
+    logger.info("re-initialised %s (%d tensors)", ", ".join(parts), len(chosen))
+    return model
 
 
 @torch.no_grad()

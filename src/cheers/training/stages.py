@@ -103,6 +103,8 @@ def deviations(recipe: Recipe) -> list[str]:
             out.append(f"train.{name} {getattr(t, name)} (paper: {getattr(p, name)})")
     if recipe.init.und_projector_scale != 1.0:
         out.append(f"init.und_projector_scale {recipe.init.und_projector_scale} (paper: 1)")
+    if recipe.init.reinitialize:
+        out.append(f"init.reinitialize {recipe.init.reinitialize} (paper: every part as loaded)")
     if t.lr_multipliers:
         out.append(
             f"train.lr_multipliers {dict(sorted(t.lr_multipliers.items()))} (paper: one lr for every group)"
