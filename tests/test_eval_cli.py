@@ -132,6 +132,7 @@ def test_eval_dpg_and_shapes(model_dir, tmp_path, capsys):
                 "--times",
                 "0.5",
                 "--noise",
+                "--routing",
                 "--out",
                 str(gain_file),
                 "--quiet",
@@ -143,6 +144,7 @@ def test_eval_dpg_and_shapes(model_dir, tmp_path, capsys):
     assert "relative prompt gain" in printed and "noise read" in printed
     numbers = json.loads(gain_file.read_text())
     assert numbers["times"] == [0.5] and numbers["noise_readout"]["times"] == [0.0, 0.5]
+    assert numbers["routing"]["t"] == 0.5 and "LLM image states" in printed
     with pytest.raises(SystemExit, match="--times"):
         main(["eval", "prompt-gain", "--model", model_dir, "--times", "half"])
     with pytest.raises(SystemExit, match="--objects"):

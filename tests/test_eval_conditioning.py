@@ -89,6 +89,34 @@ def test_objects_only_gain_is_zero_for_a_model_that_reads_only_the_background(pa
     assert object_prompt_gain(model, processor, "L1", n=2, times=TIMES).gain == (0.0, 0.0)
 
 
+def test_the_routing_probe_sees_the_prompt_in_the_image_states_and_nothing_when_images_cannot_read_it(
+    parts, monkeypatch
+):
+    import cheers.models.cheers as cheers_module
+    from cheers.eval.conditioning import routing_probe
+    from cheers.models.sequence import hybrid_mask
+
+    model, processor, records = parts
+    reads = routing_probe(model, processor, records, 0.2, batch_size=3)  # two batches
+    assert reads.n == 4 and reads.t == 0.2
+    assert reads.image_states > 1e-4 and reads.stage1 > 0 and reads.velocity > 0, reads
+    assert reads.token_norm > 0 and reads.text_norm > 0
+    assert "LLM image states" in reads.table()
+    json.dumps(reads.as_dict())
+
+    def image_sees_only_images(image_flags, valid):
+        text_keys = image_flags[:, :, None] & ~image_flags[:, None, :]
+        return hybrid_mask(image_flags, valid) & ~text_keys[:, None]
+
+    with monkeypatch.context() as m:
+        m.setattr(cheers_module, "hybrid_mask", image_sees_only_images)
+        blind = routing_probe(model, processor, records, 0.2)
+    assert blind.image_states < 1e-5 and blind.velocity < 1e-5  # rounding only: no text reaches the images
+    assert blind.token_norm == pytest.approx(reads.token_norm)
+    with pytest.raises(ValueError, match="at least 2 records"):
+        routing_probe(model, processor, records[:1])
+
+
 def test_bad_inputs_are_named(parts):
     model, processor, records = parts
     with pytest.raises(ValueError, match="at least 2 records"):

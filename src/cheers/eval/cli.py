@@ -226,7 +226,14 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_prompt_gain(args: argparse.Namespace) -> int:
-    from .conditioning import noise_readout, object_prompt_gain, prompt_gain, shapes_generation_records
+    from .conditioning import (
+        noise_readout,
+        object_prompt_gain,
+        prompt_gain,
+        routing_probe,
+        rung_records_by_background,
+        shapes_generation_records,
+    )
     from .runner import write_text_atomic
 
     try:
@@ -269,6 +276,15 @@ def cmd_prompt_gain(args: argparse.Namespace) -> int:
         )
         print(noise.table())
         numbers["noise_readout"] = noise.as_dict()
+    if args.routing:
+        if args.objects:
+            groups = rung_records_by_background(args.objects, args.n, args.split, short=args.short)
+            records = [r for group in groups.values() for r in group]
+        else:
+            records = shapes_generation_records(args.n, args.split)
+        routing = routing_probe(pipe.model, pipe.processor, records, times[0], batch_size=args.batch_size)
+        print(routing.table())
+        numbers["routing"] = routing.as_dict()
     if args.out:
         write_text_atomic(Path(args.out), json.dumps(numbers, indent=1) + "\n")
         print(f"wrote {args.out}")
@@ -500,6 +516,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         action="store_true",
         help="also the noise readout: how much of the -x0 part of the velocity the model predicts (1 ideal; "
         "near 0, sampling leaves the starting noise in the image)",
+    )
+    c.add_argument(
+        "--routing",
+        action="store_true",
+        help="also where a swapped prompt still shows (at the first of --times): relative change of the "
+        "LLM's image states, the flow head's stage-1 output and the velocity, and the image tokens' norm "
+        "against the text embeddings'",
     )
     c.add_argument("--out", "-o", default=None, help="also write the numbers as JSON here")
     _model_args(c)

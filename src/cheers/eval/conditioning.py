@@ -9,6 +9,7 @@ It is reported per flow time (``t = 0`` is noise), since the text decides most w
 
     cheers eval prompt-gain --n 64            # the bundled model on ShapesWorld validation prompts
     cheers eval prompt-gain --objects L1      # objects only: prompts swapped between same-background samples
+    cheers eval prompt-gain --routing         # + where the prompt gets lost: LLM image states, head, velocity
 
 A background covers most of a ShapesWorld image, so a model that reads only the background sentence already
 has a large prompt gain. :func:`object_prompt_gain` swaps prompts only between samples of a ladder rung that
@@ -271,3 +272,96 @@ def noise_readout(
         clean.append(float(a))
         noise.append(float(-b))
     return NoiseReadout(tuple(float(t) for t in times), tuple(noise), tuple(clean), len(samples))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingProbe:
+    """Where a swapped prompt still shows, and how large the image tokens are against the text.
+
+    The relative change ``|a_other - a_own| / |a_own|`` when each sample's prompt is replaced by another's
+    (same images, time and noise) of: the LLM's final image states, the flow head's stage-1 output (``low``,
+    before the HFI) and the predicted velocity. A model whose routing carries the prompt into the image
+    positions has a large first number (the learnability ladder's onset: a few % -> ~35 %); one whose head
+    ignores those states has a small last number. ``token_norm`` / ``text_norm``: mean norm of the image
+    tokens at the LLM input and of the text embeddings (docs/tiny-model.md: the image tokens drown the
+    prompt when they are much larger)."""
+
+    t: float
+    image_states: float
+    stage1: float
+    velocity: float
+    token_norm: float
+    text_norm: float
+    n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        return "\n".join(
+            [
+                f"| change when the prompt is swapped (t = {self.t:.2f}, {self.n} samples) | relative |",
+                "|---|---:|",
+                f"| LLM image states | {self.image_states:.4f} |",
+                f"| flow head stage 1 (low) | {self.stage1:.4f} |",
+                f"| velocity | {self.velocity:.4f} |",
+                f"\nimage tokens' mean norm {self.token_norm:.3f} "
+                f"against the text embeddings' {self.text_norm:.3f}",
+            ]
+        )
+
+
+@torch.no_grad()
+def routing_probe(
+    model: Cheers,
+    processor: CheersProcessor,
+    records: Sequence[tuple[dict, list]],
+    t: float = 0.1,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> RoutingProbe:
+    """:class:`RoutingProbe` of ``model`` on generation ``records`` (at least 2; prompts rolled by one)."""
+    from cheers.models.vision import split_2x2
+
+    if len(records) < 2:
+        raise ValueError(f"need at least 2 records to swap prompts between, got {len(records)}")
+    _, own = _generation_samples(model, processor, records, (t,), seed)
+    rolled = [
+        dataclasses.replace(
+            s, input_ids=own[(i + 1) % len(own)].input_ids, labels=own[(i + 1) % len(own)].labels
+        )
+        for i, s in enumerate(own)
+    ]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    diffs = np.zeros((3, 2))  # [states, low, velocity] x [|other - own|², |own|²]
+    norms = np.zeros((2, 2))  # [image tokens, text embeddings] x [sum of norms, count]
+    try:
+        for start in range(0, len(own), batch_size):
+            outs = []
+            for samples in (own, rolled):
+                batch = collate(samples[start : start + batch_size], processor.special.pad).to(device)
+                batch.t = torch.full_like(batch.t, float(t))
+                out = model(**batch.model_inputs())
+                asm = out.assembled
+                states = out.hidden_states[asm.image_slots].reshape(
+                    len(batch), -1, out.hidden_states.shape[-1]
+                )
+                grid = tuple(out.pred_velocity.shape[-2:])
+                low = split_2x2(model.model.gen_projector(states, out.time_embeds_1), grid)
+                outs.append((states.float(), low.float(), out.pred_velocity.float()))
+                if samples is own:  # image tokens at the LLM input against the prompts' text embeddings
+                    text = asm.valid & ~asm.image_slots
+                    norms[0] += [
+                        float(asm.embeds[asm.image_flags].float().norm(dim=-1).sum()),
+                        int(asm.image_flags.sum()),
+                    ]
+                    norms[1] += [float(asm.embeds[text].float().norm(dim=-1).sum()), int(text.sum())]
+            for k, (a, b) in enumerate(zip(outs[0], outs[1])):
+                diffs[k] += [float((b - a).pow(2).sum()), float(a.pow(2).sum())]
+    finally:
+        model.train(was_training)
+    states, low, velocity = (float(np.sqrt(d / max(o, 1e-30))) for d, o in diffs)
+    token_norm, text_norm = (float(total / max(count, 1)) for total, count in norms)
+    return RoutingProbe(float(t), states, low, velocity, token_norm, text_norm, len(own))
