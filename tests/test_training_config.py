@@ -329,6 +329,12 @@ def test_every_packaged_recipe_loads():
     assert onset.init.from_release == "runs/tiny-shapes-scratch/export"
     assert mix.init.from_release == "runs/tiny-shapes-onset/export"
     assert {s.options.get("rung") for s in onset.data.sources} == {None, "L1"}
+    restart, objects = load_recipe("tiny-shapes-restart"), load_recipe("tiny-shapes-restart-objects")
+    assert restart.init.reinitialize == ["llm_layers", "flow_head", "hfi_gate"]
+    assert "pixel_decoder" not in restart.train.trainable and restart.train.ema_decay == 0
+    l0 = sum(s.ratio for s in restart.data.sources if s.options.get("rung") == "L0")
+    assert l0 / sum(s.ratio for s in restart.data.sources) == 0.5  # half of every batch: L0
+    assert objects.init.from_release == "runs/tiny-shapes-restart/export"
 
 
 def test_bf16_autocast_on_a_cpu_that_emulates_it_is_warned_about(monkeypatch, caplog):
