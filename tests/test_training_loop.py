@@ -285,6 +285,36 @@ def test_export_round_trips_through_from_pretrained(data, tmp_path):
     mine, theirs = model.state_dict(), loaded.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert CheersProcessor.from_pretrained(result.export_dir).special == processor.special
+    assert not (result.export_dir / "sampling_defaults.json").exists()  # a model from scratch: none to keep
+
+
+def test_a_continued_model_keeps_its_sampling_defaults_in_the_export(data, tmp_path):
+    """Continuing a release directory (e.g. the bundled model) keeps its prompt template, steps, guidance and
+    prefix image: the export samples the way its start was trained and scored."""
+    from cheers.models.pretrained import save_pretrained
+    from cheers.pipeline import SamplingDefaults
+
+    root, files = data
+    processor = tiny_processor()
+    start = tmp_path / "start"
+    save_pretrained(build_model(tiny_recipe(root, files), processor.special), start)
+    processor.save_pretrained(start)
+    defaults = '{"num_inference_steps": 7, "prompt_template": "{sentence}", "prefix_image": null}'
+    (start / "sampling_defaults.json").write_text(defaults)
+    recipe = tiny_recipe(
+        root,
+        files,
+        **{
+            "train.steps": 1,
+            "checkpoint.export": True,
+            "init.from_release": str(start),
+            "model.preset": None,
+            "model.overrides": {},
+        },
+    )
+    result = Trainer(recipe, tmp_path / "run", processor=processor).run()
+    kept = SamplingDefaults(**json.loads((result.export_dir / "sampling_defaults.json").read_text()))
+    assert kept == SamplingDefaults(num_inference_steps=7, prompt_template="{sentence}", prefix_image=None)
 
 
 @pytest.mark.slow

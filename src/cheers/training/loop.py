@@ -419,7 +419,22 @@ class Trainer:
             ckpts.export_release(module, info, export, r.checkpoint.export_dtype, r.checkpoint.max_shard_size)
             if info.is_main:
                 self.processor.save_pretrained(export)
+                self._keep_sampling_defaults(export)
                 result.export_dir = export
+
+    def _keep_sampling_defaults(self, export: Path) -> None:
+        """A model continued from a release directory keeps that directory's ``sampling_defaults.json``
+        (prompt template, steps, guidance, prefix image): without it the export would sample with the
+        release's defaults, e.g. another prompt template than the one it was trained and scored with."""
+        from cheers import atomic
+        from cheers.pipeline import SAMPLING_DEFAULTS_FILE
+        from cheers.training.parts import release_dir
+
+        start = release_dir(self.recipe)
+        source = Path(start) / SAMPLING_DEFAULTS_FILE if start else None
+        if source is not None and source.is_file() and not (export / SAMPLING_DEFAULTS_FILE).exists():
+            atomic.write_bytes(export / SAMPLING_DEFAULTS_FILE, source.read_bytes())
+            logger.info("kept the starting model's %s in the export", SAMPLING_DEFAULTS_FILE)
 
     def _step(
         self,
