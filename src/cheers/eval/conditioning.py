@@ -160,6 +160,23 @@ def _generation_samples(
     return shape, samples
 
 
+def _own_and_rolled(
+    model: Cheers, processor: CheersProcessor, records: Sequence[tuple[dict, list]], times, seed: int
+) -> tuple[list, list]:
+    """The generation samples of ``records`` with their own prompts, and the same with the prompts rolled by
+    one (each image with the next sample's prompt); at least 2 records."""
+    if len(records) < 2:
+        raise ValueError(f"need at least 2 records to swap prompts between, got {len(records)}")
+    _, own = _generation_samples(model, processor, records, times, seed)
+    rolled = [
+        dataclasses.replace(
+            s, input_ids=own[(i + 1) % len(own)].input_ids, labels=own[(i + 1) % len(own)].labels
+        )
+        for i, s in enumerate(own)
+    ]
+    return own, rolled
+
+
 @torch.no_grad()
 def prompt_gain(
     model: Cheers,
@@ -176,16 +193,8 @@ def prompt_gain(
         times: flow times to evaluate at (each image at each time, same noise throughout).
         batch_size: samples per forward.
     """
-    if len(records) < 2:
-        raise ValueError(f"need at least 2 records to swap prompts between, got {len(records)}")
-    _, own = _generation_samples(model, processor, records, times, seed)
+    own, rolled = _own_and_rolled(model, processor, records, times, seed)
     _, uncond = _generation_samples(model, processor, records, times, seed, cfg_dropout=1.0)
-    rolled = [
-        dataclasses.replace(
-            s, input_ids=own[(i + 1) % len(own)].input_ids, labels=own[(i + 1) % len(own)].labels
-        )
-        for i, s in enumerate(own)
-    ]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -323,15 +332,7 @@ def routing_probe(
     """:class:`RoutingProbe` of ``model`` on generation ``records`` (at least 2; prompts rolled by one)."""
     from cheers.models.vision import split_2x2
 
-    if len(records) < 2:
-        raise ValueError(f"need at least 2 records to swap prompts between, got {len(records)}")
-    _, own = _generation_samples(model, processor, records, (t,), seed)
-    rolled = [
-        dataclasses.replace(
-            s, input_ids=own[(i + 1) % len(own)].input_ids, labels=own[(i + 1) % len(own)].labels
-        )
-        for i, s in enumerate(own)
-    ]
+    own, rolled = _own_and_rolled(model, processor, records, (t,), seed)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

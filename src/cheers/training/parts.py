@@ -101,7 +101,8 @@ def build_model(recipe: Recipe, special: SpecialTokens, config: CheersConfig | N
 def reinitialize(model: Cheers, parts: list[str], seed: int) -> Cheers:
     """Draw ``parts`` (parameter groups or :attr:`Cheers.PART_ALIASES`) afresh, as a new model of the same
     configuration would have them (seeded by ``seed``); everything else stays as loaded. Tied weights follow
-    their owner (re-initialising ``llm`` redraws the embeddings and so the tied head)."""
+    their owner (re-initialising ``llm`` redraws the embeddings and so the tied head). Builds one fresh model
+    of the same configuration on the CPU for this, so at start-up the model's memory is needed twice."""
     if not parts:
         return model
     known = {**Cheers.PARAMETER_GROUPS, **Cheers.PART_ALIASES}
