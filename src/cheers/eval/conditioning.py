@@ -330,14 +330,14 @@ def routing_probe(
     seed: int = 0,
 ) -> RoutingProbe:
     """:class:`RoutingProbe` of ``model`` on generation ``records`` (at least 2; prompts rolled by one)."""
-    from cheers.models.vision import split_2x2
-
     own, rolled = _own_and_rolled(model, processor, records, (t,), seed)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     diffs = np.zeros((3, 2))  # [states, low, velocity] x [|other - own|², |own|²]
     norms = np.zeros((2, 2))  # [image tokens, text embeddings] x [sum of norms, count]
+    stage1: list[torch.Tensor] = []  # the flow head's stage-1 output of the forward below, as it ran
+    hook = model.model.gen_projector.register_forward_hook(lambda _m, _a, out: stage1.append(out))
     try:
         for start in range(0, len(own), batch_size):
             outs = []
@@ -346,12 +346,8 @@ def routing_probe(
                 batch.t = torch.full_like(batch.t, float(t))
                 out = model(**batch.model_inputs())
                 asm = out.assembled
-                states = out.hidden_states[asm.image_slots].reshape(
-                    len(batch), -1, out.hidden_states.shape[-1]
-                )
-                grid = tuple(out.pred_velocity.shape[-2:])
-                low = split_2x2(model.model.gen_projector(states, out.time_embeds_1), grid)
-                outs.append((states.float(), low.float(), out.pred_velocity.float()))
+                states = out.hidden_states[asm.image_slots]
+                outs.append((states.float(), stage1.pop().float(), out.pred_velocity.float()))
                 if samples is own:  # image tokens at the LLM input against the prompts' text embeddings
                     text = asm.valid & ~asm.image_slots
                     norms[0] += [
@@ -362,6 +358,7 @@ def routing_probe(
             for k, (a, b) in enumerate(zip(outs[0], outs[1])):
                 diffs[k] += [float((b - a).pow(2).sum()), float(a.pow(2).sum())]
     finally:
+        hook.remove()
         model.train(was_training)
     states, low, velocity = (float(np.sqrt(d / max(o, 1e-30))) for d, o in diffs)
     token_norm, text_norm = (float(total / max(count, 1)) for total, count in norms)

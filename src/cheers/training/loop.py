@@ -432,7 +432,7 @@ class Trainer:
 
         start = release_dir(self.recipe)
         source = Path(start) / SAMPLING_DEFAULTS_FILE if start else None
-        if source is not None and source.is_file() and not (export / SAMPLING_DEFAULTS_FILE).exists():
+        if source is not None and source.is_file():
             atomic.write_bytes(export / SAMPLING_DEFAULTS_FILE, source.read_bytes())
             logger.info("kept the starting model's %s in the export", SAMPLING_DEFAULTS_FILE)
 
